@@ -1,0 +1,137 @@
+//! One upstream endpoint at run time: its validated config, its health behind a
+//! `parking_lot::Mutex`, its run-time switches, and the ureq agent that reaches it.
+//!
+//! Every read of the health returns an owned snapshot and every write is one call to
+//! `HealthStatus::record` under the lock: no guard ever leaves this module, so no lock can
+//! be held across network I/O by accident.
+
+use crate::config::EndpointConfig;
+use crate::health::{HealthStatus, Outcome, Verdict};
+use parking_lot::Mutex;
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// The first 8 hex digits of SHA-256 of `base_url|api_key`, as in qcc: the id survives a
+/// restart, a reload and a migration from qcc, yet reveals nothing of the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EndpointId(pub u32);
+
+impl EndpointId {
+    pub fn derive(base_url: &str, api_key: &str) -> EndpointId {
+        let digest = Sha256::digest(format!("{base_url}|{api_key}").as_bytes());
+        EndpointId(u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]))
+    }
+
+    pub fn parse(text: &str) -> Option<EndpointId> {
+        if text.len() != 8 {
+            return None;
+        }
+        u32::from_str_radix(text, 16).ok().map(EndpointId)
+    }
+}
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:08x}", self.0)
+    }
+}
+
+pub struct Endpoint {
+    pub config: EndpointConfig,
+    pub agent: ureq::Agent,
+    enabled: AtomicBool,
+    in_flight: AtomicUsize,
+    /// Recovery probes sent to this endpoint (qcc's `endpoint_verify_counts`).
+    probes: AtomicU64,
+    health: Mutex<HealthStatus>,
+}
+
+impl fmt::Debug for Endpoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.config.name, self.config.id)
+    }
+}
+
+impl Endpoint {
+    pub fn new(config: EndpointConfig, agent: ureq::Agent) -> Endpoint {
+        Endpoint {
+            enabled: AtomicBool::new(config.enabled),
+            in_flight: AtomicUsize::new(0),
+            probes: AtomicU64::new(0),
+            health: Mutex::new(HealthStatus::default()),
+            config,
+            agent,
+        }
+    }
+
+    pub fn id(&self) -> EndpointId {
+        self.config.id
+    }
+
+    pub fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// Records one attempt in a single lock scope.
+    pub fn record(&self, outcome: &Outcome, elapsed: Duration) -> Verdict {
+        let max_failures = self.config.max_failures;
+        self.health
+            .lock()
+            .record(outcome, elapsed, max_failures, Instant::now())
+    }
+
+    pub fn reset_to_healthy(&self) {
+        self.health.lock().reset_to_healthy();
+    }
+
+    pub fn health(&self) -> HealthStatus {
+        self.health.lock().clone()
+    }
+
+    /// Cooling down after a 429: since when, if so.
+    pub fn cooling_since(&self, now: Instant) -> Option<Instant> {
+        let h = self.health.lock();
+        h.is_cooling(now).then(|| h.out_since.unwrap_or(now))
+    }
+
+    /// When the current trouble began (panic mode picks the oldest).
+    pub fn out_since(&self) -> Option<Instant> {
+        self.health.lock().out_since
+    }
+
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Relaxed)
+    }
+
+    pub fn set_enabled(&self, on: bool) {
+        self.enabled.store(on, Ordering::Relaxed);
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    pub fn count_probe(&self) {
+        self.probes.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn probes(&self) -> u64 {
+        self.probes.load(Ordering::Relaxed)
+    }
+
+    /// Counts this request in flight until the guard drops (least_connections reads it).
+    pub fn begin(&self) -> InFlight<'_> {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(self)
+    }
+}
+
+pub struct InFlight<'a>(&'a Endpoint);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}

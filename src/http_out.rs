@@ -1,0 +1,191 @@
+//! Writing responses to the client by hand, on the raw connection writer.
+//!
+//! tiny_http's own chunked encoder holds back 8 KiB before it sends anything, which stalls
+//! server-sent events; so every response is written here: the head, then the body framed by
+//! `content-length` or by chunks we frame ourselves, flushed after every piece.
+
+use std::io::{self, Write};
+
+/// How the body of a response is delimited on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Framing {
+    /// `content-length: N`.
+    Length(u64),
+    /// `transfer-encoding: chunked`, one chunk per piece.
+    Chunked,
+    /// No length: the body ends when the connection closes (HTTP/1.0 clients).
+    Close,
+    /// A response that has no body (HEAD, 204, 304); the head keeps its headers.
+    NoBody,
+}
+
+/// The client side of one exchange: the raw writer and what the client can take.
+pub struct ClientOut {
+    writer: Box<dyn Write + Send>,
+    /// An HTTP/1.0 client cannot read chunks.
+    pub http10: bool,
+    /// A HEAD request gets a head only.
+    pub head_request: bool,
+}
+
+/// A body being written: frames and flushes each piece.
+pub struct BodySink<'a> {
+    out: &'a mut ClientOut,
+    framing: Framing,
+}
+
+impl ClientOut {
+    pub fn new(writer: Box<dyn Write + Send>, http10: bool, head_request: bool) -> ClientOut {
+        ClientOut {
+            writer,
+            http10,
+            head_request,
+        }
+    }
+
+    /// The framing for a body of unknown length, as this client can read it.
+    pub fn open_ended(&self) -> Framing {
+        if self.http10 {
+            Framing::Close
+        } else {
+            Framing::Chunked
+        }
+    }
+
+    /// Writes the status line and headers (`headers` must not hold framing headers; this
+    /// adds them), and returns the sink for the body.
+    pub fn start(
+        &mut self,
+        status: u16,
+        headers: &[(&str, &[u8])],
+        framing: Framing,
+    ) -> io::Result<BodySink<'_>> {
+        let framing = if self.head_request && framing != Framing::NoBody {
+            // Keep the length a GET would have had, send no body.
+            self.write_head(status, headers, framing)?;
+            Framing::NoBody
+        } else {
+            self.write_head(status, headers, framing)?;
+            framing
+        };
+        self.writer.flush()?;
+        Ok(BodySink { out: self, framing })
+    }
+
+    fn write_head(
+        &mut self,
+        status: u16,
+        headers: &[(&str, &[u8])],
+        framing: Framing,
+    ) -> io::Result<()> {
+        let mut head = Vec::with_capacity(256);
+        let version = if self.http10 { "HTTP/1.0" } else { "HTTP/1.1" };
+        write!(head, "{version} {status} {}\r\n", reason_phrase(status))?;
+        for (name, value) in headers {
+            head.extend_from_slice(name.as_bytes());
+            head.extend_from_slice(b": ");
+            head.extend_from_slice(value);
+            head.extend_from_slice(b"\r\n");
+        }
+        match framing {
+            Framing::Length(n) => write!(head, "content-length: {n}\r\n")?,
+            Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            Framing::Close => head.extend_from_slice(b"connection: close\r\n"),
+            Framing::NoBody => {}
+        }
+        head.extend_from_slice(b"\r\n");
+        self.writer.write_all(&head)
+    }
+
+    /// A complete small response (errors, admin answers).
+    pub fn send(&mut self, status: u16, content_type: &str, body: &[u8]) -> io::Result<()> {
+        let headers = [("content-type", content_type.as_bytes())];
+        let mut sink = self.start(status, &headers, Framing::Length(body.len() as u64))?;
+        sink.write_piece(body)?;
+        sink.finish()
+    }
+}
+
+impl BodySink<'_> {
+    /// Writes one piece and flushes it: nothing waits for a buffer to fill.
+    pub fn write_piece(&mut self, piece: &[u8]) -> io::Result<()> {
+        if piece.is_empty() {
+            return Ok(());
+        }
+        let w = &mut self.out.writer;
+        match self.framing {
+            Framing::NoBody => return Ok(()),
+            Framing::Chunked => {
+                write!(w, "{:x}\r\n", piece.len())?;
+                w.write_all(piece)?;
+                w.write_all(b"\r\n")?;
+            }
+            Framing::Length(_) | Framing::Close => w.write_all(piece)?,
+        }
+        w.flush()
+    }
+
+    /// Ends the body cleanly.
+    pub fn finish(self) -> io::Result<()> {
+        if self.framing == Framing::Chunked {
+            self.out.writer.write_all(b"0\r\n\r\n")?;
+        }
+        self.out.writer.flush()
+    }
+
+    /// Ends the body so the client cannot take it for complete: a chunked body gets a
+    /// malformed chunk line (HTTP/1.1 has no other in-band way to say "broken"), so the
+    /// client reports an error instead of waiting.
+    pub fn abort(self) -> io::Result<()> {
+        if self.framing == Framing::Chunked {
+            self.out.writer.write_all(b"!\r\n")?;
+        }
+        self.out.writer.flush()
+    }
+
+    pub fn framing(&self) -> Framing {
+        self.framing
+    }
+}
+
+/// Anthropic's error shape: `{"type":"error","error":{"type":KIND,"message":MESSAGE}}`.
+pub fn error_body(kind: &str, message: &str) -> Vec<u8> {
+    let value = serde_json::json!({
+        "type": "error",
+        "error": { "type": kind, "message": message },
+    });
+    value.to_string().into_bytes()
+}
+
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        206 => "Partial Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        409 => "Conflict",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        529 => "Site Overloaded",
+        _ => "",
+    }
+}

@@ -1,0 +1,164 @@
+//! Health probes: the one request the recovery thread sends to a quarantined endpoint.
+//!
+//! `conversation` is qcc's check: a tiny real conversation whose answer must contain a
+//! fresh random code, so a relay that answers 200 with canned or cached text does not pass.
+//! `http` is a plain `GET base_url + path`, passed on any 2xx.
+
+use crate::config::{Probe, ProbeKind};
+use crate::endpoint::Endpoint;
+use crate::time::random_u64;
+use std::time::Duration;
+
+/// A probe never waits longer than this for headers, whatever the endpoint's `timeout`:
+/// a hung endpoint must not hold a recovery round for ten minutes.
+pub const MAX_PROBE_WAIT: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ProbeResult {
+    pub recovered: bool,
+    /// Plain words: what was sent and what came back.
+    pub detail: String,
+}
+
+pub fn run(endpoint: &Endpoint, probe: &Probe) -> ProbeResult {
+    match probe.kind {
+        ProbeKind::Conversation => conversation(endpoint, probe),
+        ProbeKind::Http => http_get(endpoint, &probe.path),
+    }
+}
+
+/// Six characters of A-Z0-9.
+pub fn fresh_code() -> String {
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789";
+    (0..6)
+        .map(|_| ALPHABET[(random_u64() % ALPHABET.len() as u64) as usize] as char)
+        .collect()
+}
+
+fn request(endpoint: &Endpoint, method: &str, path: &str) -> ureq::http::request::Builder {
+    let key = endpoint.config.api_key.expose();
+    ureq::http::Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", endpoint.config.base_url))
+        .header("x-api-key", key)
+        .header("authorization", format!("Bearer {key}"))
+        .header("anthropic-version", "2023-06-01")
+}
+
+fn wait(endpoint: &Endpoint) -> Option<Duration> {
+    Some(endpoint.config.timeout.min(MAX_PROBE_WAIT))
+}
+
+fn conversation(endpoint: &Endpoint, probe: &Probe) -> ProbeResult {
+    let code = fresh_code();
+    let body = serde_json::json!({
+        "model": probe.model,
+        "max_tokens": probe.max_tokens,
+        "messages": [{
+            "role": "user",
+            "content": format!("This is a health check. Reply with this code and nothing else: {code}"),
+        }],
+    })
+    .to_string();
+    let req = match request(endpoint, "POST", "/v1/messages")
+        .header("content-type", "application/json")
+        .body(body)
+    {
+        Ok(req) => req,
+        Err(e) => return failed(format!("cannot build the probe request: {e}")),
+    };
+    let agent = &endpoint.agent;
+    let req = agent
+        .configure_request(req)
+        .timeout_recv_response(wait(endpoint))
+        .timeout_recv_body(wait(endpoint))
+        .build();
+    let mut response = match agent.run(req) {
+        Ok(r) => r,
+        Err(e) => return failed(crate::upstream::describe_error(&e)),
+    };
+    let status = response.status().as_u16();
+    if status != 200 {
+        return failed(format!("answered HTTP {status}"));
+    }
+    let text = match response.body_mut().with_config().limit(1 << 20).read_to_vec() {
+        Ok(bytes) => answer_text(&bytes),
+        Err(e) => return failed(format!("the answer broke off: {e}")),
+    };
+    if text.contains(&code) {
+        ProbeResult {
+            recovered: true,
+            detail: "answered with the code".into(),
+        }
+    } else {
+        failed("answered 200 without the code".into())
+    }
+}
+
+/// The concatenated `text` of the answer's content blocks.
+fn answer_text(body: &[u8]) -> String {
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return String::new();
+    };
+    value["content"]
+        .as_array()
+        .map(|blocks| {
+            blocks
+                .iter()
+                .filter_map(|b| b["text"].as_str())
+                .collect::<Vec<_>>()
+                .join("")
+        })
+        .unwrap_or_default()
+}
+
+fn http_get(endpoint: &Endpoint, path: &str) -> ProbeResult {
+    let req = match request(endpoint, "GET", path).body(()) {
+        Ok(req) => req,
+        Err(e) => return failed(format!("cannot build the probe request: {e}")),
+    };
+    let agent = &endpoint.agent;
+    let req = agent
+        .configure_request(req)
+        .timeout_recv_response(wait(endpoint))
+        .timeout_recv_body(wait(endpoint))
+        .build();
+    match agent.run(req) {
+        Ok(mut r) if r.status().is_success() => {
+            let _drained_for_reuse = r.body_mut().with_config().limit(1 << 20).read_to_vec();
+            ProbeResult {
+                recovered: true,
+                detail: format!("GET {path} answered HTTP {}", r.status().as_u16()),
+            }
+        }
+        Ok(r) => failed(format!("GET {path} answered HTTP {}", r.status().as_u16())),
+        Err(e) => failed(crate::upstream::describe_error(&e)),
+    }
+}
+
+fn failed(detail: String) -> ProbeResult {
+    ProbeResult {
+        recovered: false,
+        detail,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_are_six_of_a_z_0_9_and_fresh() {
+        let a = fresh_code();
+        assert_eq!(a.len(), 6);
+        assert!(a.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
+        assert_ne!(a, fresh_code());
+    }
+
+    #[test]
+    fn answer_text_joins_text_blocks() {
+        let body = br#"{"content":[{"type":"text","text":"ab"},{"type":"tool_use"},{"type":"text","text":"C1"}]}"#;
+        assert_eq!(answer_text(body), "abC1");
+        assert_eq!(answer_text(b"nope"), "");
+    }
+}

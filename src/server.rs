@@ -1,0 +1,219 @@
+//! The HTTP side facing clients: tiny_http and a fixed pool of worker threads. The only
+//! module that knows tiny_http.
+//!
+//! tiny_http's accept thread parses requests and queues them; `workers` threads take them
+//! with `recv()` and serve each one start to finish (read the body, forward, stream the
+//! answer). A worker is busy for as long as its stream lasts, so `workers` bounds both
+//! concurrency and the threads that can block on upstreams.
+
+use crate::admin;
+use crate::forward::{self, send_error};
+use crate::http_out::ClientOut;
+use crate::recovery::RecoveryThread;
+use crate::state::State;
+use crate::upstream::ClientRequest;
+use log::{debug, info};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::Instant;
+use ureq::http::{HeaderName, HeaderValue, Method};
+
+pub struct Server {
+    http: Arc<tiny_http::Server>,
+    workers: Vec<JoinHandle<()>>,
+    stopping: Arc<AtomicBool>,
+    recovery: RecoveryThread,
+    addr: SocketAddr,
+}
+
+impl Server {
+    /// Binds the listen address of the current config and starts the workers.
+    pub fn start(state: Arc<State>) -> Result<Server, String> {
+        let generation = state.current();
+        let listen = generation.config.listen;
+        let http = tiny_http::Server::http(listen)
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let addr = http
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| format!("cannot listen on {listen}: not an IP socket"))?;
+        let http = Arc::new(http);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let request_ids = Arc::new(AtomicU64::new(1));
+        let workers = (0..generation.config.workers)
+            .map(|i| {
+                let (http, state, stopping, ids) =
+                    (http.clone(), state.clone(), stopping.clone(), request_ids.clone());
+                std::thread::Builder::new()
+                    .name(format!("worker-{i}"))
+                    .spawn(move || worker_loop(&http, &state, &stopping, &ids))
+                    .map_err(|e| format!("cannot start worker threads: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let recovery = RecoveryThread::start(state)?;
+        info!("listening on http://{addr} with {} workers", workers.len());
+        Ok(Server {
+            http,
+            workers,
+            stopping,
+            recovery,
+            addr,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops taking requests, lets each worker finish the request it is serving, and
+    /// joins every worker.
+    pub fn shutdown(self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for _ in 0..self.workers.len() {
+            self.http.unblock();
+        }
+        for worker in self.workers {
+            let _ = worker.join();
+        }
+        self.recovery.stop();
+    }
+}
+
+fn worker_loop(
+    http: &tiny_http::Server,
+    state: &State,
+    stopping: &AtomicBool,
+    ids: &AtomicU64,
+) {
+    while !stopping.load(Ordering::SeqCst) {
+        match http.recv() {
+            Ok(request) => serve_one(state, request, ids.fetch_add(1, Ordering::Relaxed)),
+            Err(e) => debug!("recv: {e}"),
+        }
+    }
+}
+
+fn serve_one(state: &State, mut request: tiny_http::Request, id: u64) {
+    let started = Instant::now();
+    let remote = request.remote_addr().copied();
+    let http10 = request.http_version() == &tiny_http::HTTPVersion(1, 0);
+    let head = request.method() == &tiny_http::Method::Head;
+    let path = request.url().to_string();
+    let method = request.method().as_str().to_string();
+    let parsed = parse_request(state, &mut request);
+    let mut out = ClientOut::new(request.into_writer(), http10, head);
+    let request = match parsed {
+        Ok(r) => r,
+        Err((status, kind, message)) => {
+            send_error(&mut out, status, kind, &message);
+            info!("#{id} {method} {path} → {status} ({message})");
+            return;
+        }
+    };
+    if admin::is_admin_path(&request.target) {
+        let status = admin::serve(state, &request, remote, &mut out);
+        debug!("#{id} {method} {path} → {status} (admin)");
+        return;
+    }
+    if let Err(message) = check_access(state, &request) {
+        send_error(&mut out, 401, "authentication_error", message);
+        info!("#{id} {method} {path} → 401 ({message})");
+        return;
+    }
+    let served = forward::forward(state, &request, &mut out);
+    let endpoint = served
+        .endpoint
+        .map(|e| e.to_string())
+        .unwrap_or_else(|| "-".into());
+    info!(
+        "#{id} {method} {path} → {} via {endpoint} after {} attempt(s) in {} ms",
+        served.status,
+        served.attempts,
+        started.elapsed().as_millis()
+    );
+}
+
+type Rejection = (u16, &'static str, String);
+
+/// Reads the request whole (bounded by `max_body_bytes`) and checks it is one we can
+/// forward: 413 for a body too large, 400 for anything malformed; neither reaches an
+/// upstream.
+fn parse_request(
+    state: &State,
+    request: &mut tiny_http::Request,
+) -> Result<ClientRequest, Rejection> {
+    let bad = |message: String| (400, "invalid_request_error", message);
+    let target = request.url().to_string();
+    if !target.starts_with('/') {
+        return Err(bad(format!("the request target must be a path, got {target:?}")));
+    }
+    let method = Method::from_bytes(request.method().as_str().as_bytes())
+        .map_err(|_| bad("the request method is not valid".into()))?;
+    let mut headers = Vec::with_capacity(request.headers().len());
+    for h in request.headers() {
+        let name = HeaderName::from_bytes(h.field.as_str().as_str().as_bytes())
+            .map_err(|_| bad(format!("header name {:?} is not valid", h.field.as_str())))?;
+        let value = HeaderValue::from_bytes(h.value.as_str().as_bytes())
+            .map_err(|_| bad(format!("the value of header {name} is not valid")))?;
+        headers.push((name, value));
+    }
+    let max = state.current().config.max_body_bytes;
+    let body = read_body(request, max)?;
+    Ok(ClientRequest {
+        method,
+        target,
+        headers,
+        body,
+    })
+}
+
+fn read_body(request: &mut tiny_http::Request, max: usize) -> Result<Vec<u8>, Rejection> {
+    let too_large = || {
+        (
+            413,
+            "request_too_large",
+            format!("the request body is larger than max_body_bytes ({max} bytes)"),
+        )
+    };
+    if request.body_length().is_some_and(|n| n > max) {
+        return Err(too_large());
+    }
+    let mut body = Vec::with_capacity(request.body_length().unwrap_or(0));
+    request
+        .as_reader()
+        .take(max as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| (400, "invalid_request_error", format!("cannot read the request body: {e}")))?;
+    if body.len() > max {
+        return Err(too_large());
+    }
+    Ok(body)
+}
+
+/// Rule 2: with `access_tokens` set, the client must present one as `x-api-key` or
+/// `Authorization: Bearer`.
+fn check_access(state: &State, request: &ClientRequest) -> Result<(), &'static str> {
+    let generation = state.current();
+    let tokens = &generation.config.access_tokens;
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let presented = [
+        request.header("x-api-key"),
+        request
+            .header("authorization")
+            .and_then(|v| v.strip_prefix("Bearer ")),
+    ];
+    let allowed = presented
+        .into_iter()
+        .flatten()
+        .any(|p| tokens.iter().any(|t| t.matches(p.trim())));
+    if allowed {
+        Ok(())
+    } else {
+        Err("a valid access token is required (x-api-key or Authorization: Bearer)")
+    }
+}

@@ -1,0 +1,203 @@
+//! The proxy's shared state: the endpoints of the current config, the failure queue, the
+//! selector and the request counters, and the few operations that touch more than one of
+//! them (recording an attempt, checking eligibility).
+//!
+//! Locks here are taken one at a time and never across I/O: an endpoint's health lock, then
+//! (after it is released) the queue lock. The current generation (config + endpoints) sits
+//! behind an `RwLock<Arc<_>>` that a request reads once, so a reload never blocks traffic.
+
+use crate::config::Config;
+use crate::endpoint::{Endpoint, EndpointId};
+use crate::failure_queue::FailureQueue;
+use crate::health::{Outcome, Verdict};
+use crate::recovery::Schedule;
+use crate::select::{Candidate, Selector};
+use crate::upstream;
+use log::{debug, info, warn};
+use parking_lot::RwLock;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+/// One config and the endpoints built from it.
+pub struct Generation {
+    pub config: Config,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub selector: Selector,
+}
+
+impl Generation {
+    pub fn endpoint(&self, id: EndpointId) -> Option<&Arc<Endpoint>> {
+        self.endpoints.iter().find(|e| e.id() == id)
+    }
+}
+
+/// Client-request counters, as qcc's stats name them.
+#[derive(Default)]
+pub struct Counters {
+    pub total_requests: AtomicU64,
+    pub successful_requests: AtomicU64,
+    pub failed_requests: AtomicU64,
+    /// Client requests answered by an endpoint other than the first one tried.
+    pub failovers: AtomicU64,
+}
+
+pub struct State {
+    generation: RwLock<Arc<Generation>>,
+    pub queue: FailureQueue,
+    pub schedule: Schedule,
+    /// Probes run here, never on rayon's global pool: they block on the network.
+    pub probe_pool: rayon::ThreadPool,
+    pub counters: Counters,
+    pub start_time: SystemTime,
+    pub started: Instant,
+    /// The id of the endpoint that last answered a client, `u64::MAX` before any.
+    last_used: AtomicU64,
+}
+
+impl State {
+    pub fn new(config: Config) -> Result<State, String> {
+        let generation = build_generation(config, &[])?;
+        let probe_pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(generation.endpoints.len().clamp(1, 4))
+            .thread_name(|i| format!("probe-{i}"))
+            .build()
+            .map_err(|e| format!("cannot start the probe threads: {e}"))?;
+        Ok(State {
+            generation: RwLock::new(Arc::new(generation)),
+            queue: FailureQueue::default(),
+            schedule: Schedule::default(),
+            probe_pool,
+            counters: Counters::default(),
+            start_time: SystemTime::now(),
+            started: Instant::now(),
+            last_used: AtomicU64::new(u64::MAX),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Generation> {
+        self.generation.read().clone()
+    }
+
+    /// Swaps in a new config. Endpoints whose id and settings are unchanged keep their
+    /// health and counters; queued endpoints that are gone leave the queue. The listen
+    /// address and worker count stay as they were started.
+    pub fn reload(&self, config: Config) -> Result<(), String> {
+        let old = self.current();
+        if config.listen != old.config.listen || config.workers != old.config.workers {
+            warn!("listen and workers changes take effect only after a restart");
+        }
+        let next = build_generation(config, &old.endpoints)?;
+        for e in &old.endpoints {
+            if next.endpoint(e.id()).is_none() {
+                self.queue.remove(e.id());
+            }
+        }
+        *self.generation.write() = Arc::new(next);
+        Ok(())
+    }
+
+    /// Records one attempt's outcome on an endpoint and quarantines it if the outcome
+    /// says so. Two lock scopes, one after the other, never nested.
+    pub fn record(&self, endpoint: &Endpoint, outcome: &Outcome, elapsed: Duration) {
+        let verdict = endpoint.record(outcome, elapsed);
+        match outcome {
+            Outcome::Success => {}
+            Outcome::RateLimited { until, reason } => {
+                let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
+                info!(
+                    "endpoint {} ({}) cools down for {secs:.1}s: {reason}",
+                    endpoint.name(),
+                    endpoint.id()
+                );
+            }
+            Outcome::AuthFailure(reason) | Outcome::Failure(reason) => {
+                warn!(
+                    "endpoint {} ({}) failed: {reason}",
+                    endpoint.name(),
+                    endpoint.id()
+                );
+            }
+        }
+        if verdict == Verdict::Quarantine {
+            let reason = endpoint.health().last_error.unwrap_or_default();
+            self.quarantine(endpoint, &reason);
+        }
+    }
+
+    /// Puts the endpoint in the failure queue; only the call that adds it logs at info.
+    pub fn quarantine(&self, endpoint: &Endpoint, reason: &str) {
+        if self.queue.add(endpoint.id()) {
+            info!(
+                "endpoint {} ({}) entered the failure queue: {reason}",
+                endpoint.name(),
+                endpoint.id()
+            );
+        } else {
+            debug!(
+                "endpoint {} ({}) is already in the failure queue",
+                endpoint.name(),
+                endpoint.id()
+            );
+        }
+    }
+
+    /// Eligible for normal traffic: enabled, not queued, not cooling down.
+    pub fn is_eligible(&self, endpoint: &Endpoint, now: Instant) -> bool {
+        endpoint.is_enabled()
+            && !self.queue.contains(endpoint.id())
+            && endpoint.cooling_since(now).is_none()
+    }
+
+    /// The eligible endpoints of a generation, as selection candidates.
+    pub fn candidates(&self, generation: &Generation, now: Instant) -> Vec<Candidate> {
+        generation
+            .endpoints
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| self.is_eligible(e, now))
+            .map(|(index, e)| Candidate {
+                index,
+                priority: e.config.priority,
+                weight: e.config.weight,
+                in_flight: e.in_flight(),
+            })
+            .collect()
+    }
+
+    pub fn note_used(&self, id: EndpointId) {
+        self.last_used.store(id.0 as u64, Ordering::Relaxed);
+    }
+
+    pub fn last_used(&self) -> Option<EndpointId> {
+        let v = self.last_used.load(Ordering::Relaxed);
+        u32::try_from(v).ok().map(EndpointId)
+    }
+}
+
+/// Builds a generation; an endpoint whose id is in `keep` is reused as it is, with its
+/// health and counters (a reload must not forget what it knows of an unchanged endpoint).
+pub fn build_generation(config: Config, keep: &[Arc<Endpoint>]) -> Result<Generation, String> {
+    let shared = upstream::shared_agent(&config);
+    let mut endpoints = Vec::with_capacity(config.endpoints.len());
+    for ec in &config.endpoints {
+        let reused = keep
+            .iter()
+            .find(|e| e.id() == ec.id && e.config == *ec)
+            .cloned();
+        let endpoint = match reused {
+            Some(e) => e,
+            None => Arc::new(Endpoint::new(
+                ec.clone(),
+                upstream::agent_for(&config, ec, &shared)?,
+            )),
+        };
+        endpoints.push(endpoint);
+    }
+    let selector = Selector::new(config.strategy, endpoints.len());
+    Ok(Generation {
+        config,
+        endpoints,
+        selector,
+    })
+}

@@ -1,0 +1,166 @@
+//! Shared helpers for the integration tests: a proxy started in-process on 127.0.0.1:0
+//! in front of mock upstreams, a real HTTP client (ureq), and a log capture.
+
+#![allow(dead_code)]
+
+use failover_proxy::config::{Config, Overrides};
+use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::server::Server;
+use failover_proxy::state::State;
+use parking_lot::Mutex;
+use serde_json::{Value, json};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Every log line of the test process. Tests run in parallel, so a test counts only the
+/// lines that name its own endpoint ids (each test's mocks have their own ports, hence
+/// their own ids).
+static LINES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+struct Capture;
+
+impl log::Log for Capture {
+    fn enabled(&self, _: &log::Metadata) -> bool {
+        true
+    }
+    fn log(&self, record: &log::Record) {
+        LINES.lock().push(format!("{} {}", record.level(), record.args()));
+    }
+    fn flush(&self) {}
+}
+
+pub fn capture_logs() {
+    static ONCE: OnceLock<()> = OnceLock::new();
+    ONCE.get_or_init(|| {
+        log::set_boxed_logger(Box::new(Capture)).expect("one logger per test process");
+        log::set_max_level(log::LevelFilter::Debug);
+    });
+}
+
+/// Log lines containing every one of `needles`.
+pub fn log_lines_with(needles: &[&str]) -> Vec<String> {
+    LINES
+        .lock()
+        .iter()
+        .filter(|l| needles.iter().all(|n| l.contains(n)))
+        .cloned()
+        .collect()
+}
+
+pub fn all_log_text() -> String {
+    LINES.lock().join("\n")
+}
+
+/// A running proxy in front of some mocks.
+pub struct Proxy {
+    pub state: Arc<State>,
+    server: Option<Server>,
+    pub url: String,
+}
+
+impl Proxy {
+    /// `extra` is merged into the config's top level; `endpoints` is built from the mocks
+    /// (names "ep0", "ep1", …, keys "sk-test-key-<i>-0123456789abcdef") unless `extra`
+    /// gives its own.
+    pub fn start(mocks: &[&MockUpstream], extra: Value) -> Proxy {
+        capture_logs();
+        let endpoints: Vec<Value> = mocks
+            .iter()
+            .enumerate()
+            .map(|(i, m)| json!({"name": format!("ep{i}"), "base_url": m.url(), "api_key": key(i)}))
+            .collect();
+        let mut config = json!({"listen": "127.0.0.1:0", "workers": 16, "endpoints": endpoints});
+        for (k, v) in extra.as_object().expect("extra must be an object") {
+            config[k] = v.clone();
+        }
+        Proxy::from_json(&config.to_string())
+    }
+
+    pub fn from_json(text: &str) -> Proxy {
+        capture_logs();
+        let config = Config::from_json(text, &Overrides::default(), &|_| None).expect("config");
+        let state = Arc::new(State::new(config).expect("state"));
+        let server = Server::start(state.clone()).expect("server");
+        let url = format!("http://{}", server.addr());
+        Proxy {
+            state,
+            server: Some(server),
+            url,
+        }
+    }
+
+    pub fn stats(&self) -> Value {
+        let (status, body) = get(&format!("{}/__qcc__/stats", self.url));
+        assert_eq!(status, 200);
+        serde_json::from_slice(&body).expect("stats JSON")
+    }
+
+    /// The id of endpoint i, as the stats show it.
+    pub fn id(&self, i: usize) -> String {
+        self.state.current().endpoints[i].id().to_string()
+    }
+
+    pub fn endpoint_stats(&self, i: usize) -> Value {
+        let id = self.id(i);
+        let stats = self.stats();
+        stats["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["id"] == id.as_str())
+            .cloned()
+            .expect("endpoint in stats")
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        if let Some(server) = self.server.take() {
+            server.shutdown();
+        }
+    }
+}
+
+pub fn key(i: usize) -> String {
+    format!("sk-test-key-{i}-0123456789abcdef")
+}
+
+pub fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(30)))
+        .build()
+        .new_agent()
+}
+
+pub fn message_body() -> String {
+    json!({"model": "claude-test", "max_tokens": 16,
+           "messages": [{"role": "user", "content": "hello"}]})
+    .to_string()
+}
+
+/// POST /v1/messages through the proxy; returns status, selected headers and body.
+pub fn post_message(url: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
+    post(url, "/v1/messages", &message_body(), headers)
+}
+
+pub fn post(url: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
+    let mut req = agent().post(format!("{url}{path}")).header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut resp = req.send(body).expect("request");
+    let status = resp.status().as_u16();
+    let body = resp.body_mut().read_to_vec().expect("body");
+    (status, body)
+}
+
+pub fn get(url: &str) -> (u16, Vec<u8>) {
+    let mut resp = agent().get(url).call().expect("request");
+    let status = resp.status().as_u16();
+    (status, resp.body_mut().read_to_vec().expect("body"))
+}
+
+pub fn mock(fault: Fault) -> MockUpstream {
+    MockUpstream::start_with(fault).expect("mock upstream")
+}
