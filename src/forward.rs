@@ -375,7 +375,7 @@ fn prepare_success(
         let mut body = Vec::with_capacity(n as usize);
         let read = (&mut reader).take(n).read_to_end(&mut body);
         if let Err(e) = read {
-            return Err((format!("response body broke off: {e}"), None));
+            return Err((body_error(&e), None));
         }
         if body.len() as u64 != n {
             return Err(("response body ended early".into(), None));
@@ -399,7 +399,7 @@ fn prepare_success(
         let Some(rest) = prepared.rest.as_mut() else {
             return Ok(prepared);
         };
-        prepared.prefix = read_first_event(rest).map_err(|e| (format!("stream broke off: {e}"), None))?;
+        prepared.prefix = read_first_event(rest).map_err(|e| (body_error(&e), None))?;
         if first_event_is_error(&prepared.prefix) {
             let answer = Buffered {
                 status,
@@ -410,6 +410,15 @@ fn prepare_success(
         }
     }
     Ok(prepared)
+}
+
+/// Why a body read failed, in words a user acts on.
+fn body_error(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::TimedOut || e.to_string().contains("timeout") {
+        "the body stalled for longer than idle_timeout".into()
+    } else {
+        format!("the body broke off: {e}")
+    }
 }
 
 /// Reads until the first complete SSE event (a blank line), the cap, or the end.
@@ -497,7 +506,7 @@ fn pump(mut reader: ureq::BodyReader<'static>, sink: &mut BodySink) -> Pump {
         let n = match reader.read(&mut piece) {
             Ok(0) => return Pump::Done,
             Ok(n) => n,
-            Err(e) => return Pump::UpstreamBroke(format!("stream broke off: {e}")),
+            Err(e) => return Pump::UpstreamBroke(body_error(&e)),
         };
         if sink.write_piece(&piece[..n]).is_err() {
             return Pump::ClientGone;

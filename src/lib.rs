@@ -15,6 +15,7 @@ pub mod failure_queue;
 pub mod forward;
 pub mod health;
 pub mod http_out;
+pub mod idle;
 pub mod mock;
 pub mod probe;
 pub mod recovery;

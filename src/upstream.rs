@@ -9,6 +9,7 @@
 
 use crate::config::{Config, EndpointConfig};
 use crate::endpoint::Endpoint;
+use crate::idle::IdleConnector;
 use std::time::{Duration, Instant, SystemTime};
 use ureq::http::{self, HeaderMap, HeaderName, HeaderValue};
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
@@ -57,16 +58,30 @@ fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::
         .accept_encoding("")
         .allow_non_standard_methods(true)
         .timeout_connect(Some(config.connect_timeout))
-        .timeout_per_read(Some(config.idle_timeout))
+        // Not a deadline: it only makes ureq label body reads `RecvBody`, which is how
+        // `idle::IdleTransport` knows to apply `idle_timeout` to them.
+        .timeout_recv_body(Some(NO_BODY_DEADLINE))
         .max_idle_connections(256)
         .max_idle_connections_per_host(64)
         .tls_config(TlsConfig::builder().root_certs(RootCerts::PlatformVerifier).build())
 }
 
+/// Ten years: long enough never to cut a stream.
+const NO_BODY_DEADLINE: Duration = Duration::from_secs(10 * 365 * 86_400);
+
 /// The agent shared by every endpoint without `ca_file` or `proxy`; environment proxy
 /// variables apply to it, as they do in curl.
 pub fn shared_agent(config: &Config) -> ureq::Agent {
-    base_config(config).build().new_agent()
+    new_agent(base_config(config).build(), config)
+}
+
+/// Every upstream connection ends in `IdleConnector`, which bounds each body read.
+fn new_agent(agent_config: ureq::config::Config, config: &Config) -> ureq::Agent {
+    use ureq::unversioned::{resolver::DefaultResolver, transport::{Connector, DefaultConnector}};
+    let connector = DefaultConnector::new().chain(IdleConnector {
+        idle: config.idle_timeout,
+    });
+    ureq::Agent::with_parts(agent_config, connector, DefaultResolver::default())
 }
 
 /// The agent for one endpoint: the shared one, or its own when it has a CA file or an
@@ -92,7 +107,7 @@ pub fn agent_for(
             .map_err(|e| format!("endpoint {}: proxy {url:?}: {e}", endpoint.name))?;
         builder = builder.proxy(Some(proxy));
     }
-    Ok(builder.build().new_agent())
+    Ok(new_agent(builder.build(), config))
 }
 
 /// The operating system's trust store (the PEM bundle OpenSSL would use) plus the
