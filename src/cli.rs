@@ -2,7 +2,7 @@
 //! function that returns a `CliError` whose kind decides the exit code.
 
 use crate::config::{Config, ConfigError, Overrides};
-use crate::server::Server;
+use crate::server::{DRAIN_GRACE, Server};
 use crate::state::State;
 use clap::{Parser, Subcommand};
 use log::{LevelFilter, info, warn};
@@ -135,8 +135,9 @@ fn serve(
         info!("signal {signal}: finishing in-flight requests, then exiting");
         break;
     }
-    server.shutdown();
-    info!("stopped");
+    if server.shutdown(DRAIN_GRACE) {
+        info!("stopped");
+    }
     Ok(())
 }
 

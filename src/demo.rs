@@ -78,7 +78,7 @@ pub fn run() -> Result<(), String> {
     for c in clients {
         let _ = c.join();
     }
-    server.shutdown();
+    server.shutdown(Duration::from_secs(5));
     summary(&state, &tally)
 }
 

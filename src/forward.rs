@@ -15,6 +15,7 @@ use crate::upstream::{self, Class, ClientRequest, HOP_BY_HOP};
 use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use serde_json::json;
 use ureq::http::{self, HeaderMap};
 
 /// Non-streaming bodies up to this size are read whole before the commit point, so a
@@ -57,6 +58,8 @@ enum Attempt {
     Delivered(u16),
     /// The endpoint failed; its answer, if it gave one.
     Failed(Option<Buffered>),
+    /// The endpoint has no `count_tokens` (it answered 404): estimate locally (rule 10).
+    NoCountTokens,
 }
 
 /// Serves one client request through the endpoints of the current generation.
@@ -67,9 +70,11 @@ pub fn forward(state: &State, request: &ClientRequest, out: &mut ClientOut) -> S
     let mut last: Option<Buffered> = None;
     let mut attempts = 0;
     let mut panicked = false;
+    let session = session(state, &generation, request);
     while attempts < config.max_attempts && !panicked {
         let now = Instant::now();
-        let index = match next_endpoint(state, &generation, &tries, now) {
+        let bound = session.as_ref().and_then(|s| s.bound).filter(|_| attempts == 0);
+        let index = match bound.or_else(|| next_endpoint(state, &generation, &tries, now)) {
             Some(index) => index,
             None if attempts == 0 => match panic_endpoint(&generation) {
                 Some(index) => {
@@ -96,12 +101,22 @@ pub fn forward(state: &State, request: &ClientRequest, out: &mut ClientOut) -> S
         match attempt(state, endpoint, request, out) {
             Attempt::Delivered(status) => {
                 state.note_used(endpoint.id());
+                if let Some(s) = session.as_ref().filter(|_| status < 400) {
+                    let ttl = config.affinity_ttl;
+                    state.affinity.bind(&s.key, endpoint.id(), ttl, Instant::now());
+                }
                 if attempts > 1 {
                     state.counters.failovers.fetch_add(1, Ordering::Relaxed);
                 }
                 return served(state, status, attempts, Some(endpoint.id()));
             }
             Attempt::Failed(answer) => last = answer.or(last),
+            Attempt::NoCountTokens => {
+                let estimate = json!({ "input_tokens": estimate_tokens(&request.body) });
+                let _client_may_be_gone =
+                    out.send(200, "application/json", estimate.to_string().as_bytes());
+                return served(state, 200, attempts, None);
+            }
         }
     }
     let status = match last {
@@ -119,6 +134,33 @@ pub fn forward(state: &State, request: &ClientRequest, out: &mut ClientOut) -> S
         }
     };
     served(state, status, attempts, None)
+}
+
+/// A request's session and the endpoint it is bound to, if that endpoint is eligible;
+/// a binding to an endpoint that is not is dropped (a new one is made on success).
+struct Session {
+    key: String,
+    bound: Option<usize>,
+}
+
+fn session(state: &State, generation: &Generation, request: &ClientRequest) -> Option<Session> {
+    let ttl = generation.config.affinity_ttl;
+    if ttl.is_zero() {
+        return None;
+    }
+    let key = crate::affinity::session_key(request)?;
+    let now = Instant::now();
+    let id = state.affinity.lookup(&key, ttl, now);
+    let bound = id.and_then(|id| {
+        generation
+            .endpoints
+            .iter()
+            .position(|e| e.id() == id && state.is_eligible(e, now))
+    });
+    if id.is_some() && bound.is_none() {
+        state.affinity.forget(&key);
+    }
+    Some(Session { key, bound })
 }
 
 fn served(state: &State, status: u16, attempts: u32, endpoint: Option<EndpointId>) -> Served {
@@ -203,6 +245,10 @@ fn attempt(
         Attempt::Failed(Some(answer))
     };
     match upstream::classify(status) {
+        Class::ClientError if status == 404 && is_count_tokens(request) => {
+            let _drained_for_reuse = buffer_error(status, &parts.headers, reader);
+            Attempt::NoCountTokens
+        }
         Class::ClientError => {
             let prepared = pass_through(status, &parts.headers, reader, request, out);
             Attempt::Delivered(commit(prepared, out).status)
@@ -239,6 +285,48 @@ fn attempt(
                 Attempt::Delivered(status)
             }
         },
+    }
+}
+
+fn is_count_tokens(request: &ClientRequest) -> bool {
+    request.method == http::Method::POST
+        && request.target.split('?').next() == Some("/v1/messages/count_tokens")
+}
+
+/// About four characters a token: the text of `system`, `messages` and `tools`, counted
+/// the way a tokenizer would roughly see it. An estimate, as the contract allows.
+fn estimate_tokens(body: &[u8]) -> u64 {
+    fn chars(v: &serde_json::Value) -> usize {
+        match v {
+            serde_json::Value::String(s) => s.chars().count(),
+            serde_json::Value::Array(a) => a.iter().map(chars).sum(),
+            serde_json::Value::Object(o) => o.iter().map(|(k, v)| k.len() + chars(v)).sum(),
+            serde_json::Value::Null => 0,
+            _ => 1,
+        }
+    }
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return (body.len() as u64).div_ceil(4);
+    };
+    let total: usize = ["system", "messages", "tools"].iter().map(|f| chars(&value[*f])).sum();
+    (total as u64).div_ceil(4).max(1)
+}
+
+/// `model_override`: the `model` of a JSON body replaced, the body re-serialised (its new
+/// length is what goes upstream: qcc sent the old Content-Length and was refused).
+pub fn override_model(body: &mut Vec<u8>, model: &str) {
+    let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(body) else {
+        return;
+    };
+    let Some(object) = value.as_object_mut() else {
+        return;
+    };
+    if !object.contains_key("model") {
+        return;
+    }
+    object.insert("model".into(), serde_json::Value::from(model));
+    if let Ok(bytes) = serde_json::to_vec(&value) {
+        *body = bytes;
     }
 }
 
@@ -568,6 +656,25 @@ mod tests {
         assert!(!first_event_is_error(
             b"event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: error\n\n"
         ));
+    }
+
+    #[test]
+    fn model_override_rewrites_only_the_model() {
+        let mut body = br#"{"model":"a","max_tokens":5,"messages":[]}"#.to_vec();
+        override_model(&mut body, "claude-x");
+        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(v["model"], "claude-x");
+        assert_eq!(v["max_tokens"], 5);
+        let mut other = b"not json".to_vec();
+        override_model(&mut other, "claude-x");
+        assert_eq!(other, b"not json");
+    }
+
+    #[test]
+    fn token_estimate_counts_text_by_four() {
+        let body = br#"{"model":"m","messages":[{"role":"user","content":"abcdefgh"}]}"#;
+        // "role"(4) + "user"(4) + "content"(7) + "abcdefgh"(8) = 23 → 6
+        assert_eq!(estimate_tokens(body), 6);
     }
 
     #[test]

@@ -7,6 +7,7 @@
 //! failure-queue mutex that admits each endpoint once. See ARCHITECTURE.md for the map.
 
 pub mod admin;
+pub mod affinity;
 pub mod cli;
 pub mod demo;
 pub mod config;

@@ -144,22 +144,23 @@ impl RecoveryThread {
         })
     }
 
-    /// Ends the loop (a round in progress finishes first) and joins the thread.
-    pub fn stop(mut self) {
-        self.stop_and_join();
-    }
-
-    fn stop_and_join(&mut self) {
+    /// Ends the loop and joins the thread, waiting until `deadline` at most for a round in
+    /// progress (a probe may be blocked on a hung endpoint). False if it had to leave it.
+    pub fn stop(mut self, deadline: Instant) -> bool {
         drop(self.stop.take());
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
+        let Some(thread) = self.thread.take() else {
+            return true;
+        };
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
         }
-    }
-}
-
-impl Drop for RecoveryThread {
-    fn drop(&mut self) {
-        self.stop_and_join();
+        if thread.is_finished() {
+            let _ = thread.join();
+            true
+        } else {
+            warn!("a recovery probe is still running at shutdown; not waiting for it");
+            false
+        }
     }
 }
 

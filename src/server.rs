@@ -12,18 +12,25 @@ use crate::http_out::ClientOut;
 use crate::recovery::RecoveryThread;
 use crate::state::State;
 use crate::upstream::ClientRequest;
-use log::{debug, info};
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+use log::{debug, error, info, warn};
+use std::panic::AssertUnwindSafe;
 use std::io::Read;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use ureq::http::{HeaderName, HeaderValue, Method};
+
+/// How long a shutdown waits for in-flight requests before it exits anyway.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
 pub struct Server {
     http: Arc<tiny_http::Server>,
     workers: Vec<JoinHandle<()>>,
+    /// Disconnected once every worker has returned (each holds a sender).
+    workers_done: Receiver<()>,
     stopping: Arc<AtomicBool>,
     recovery: RecoveryThread,
     addr: SocketAddr,
@@ -43,21 +50,32 @@ impl Server {
         let http = Arc::new(http);
         let stopping = Arc::new(AtomicBool::new(false));
         let request_ids = Arc::new(AtomicU64::new(1));
+        let (done, workers_done) = crossbeam_channel::bounded::<()>(0);
         let workers = (0..generation.config.workers)
             .map(|i| {
-                let (http, state, stopping, ids) =
-                    (http.clone(), state.clone(), stopping.clone(), request_ids.clone());
+                let (http, state, stopping, ids, done) = (
+                    http.clone(),
+                    state.clone(),
+                    stopping.clone(),
+                    request_ids.clone(),
+                    done.clone(),
+                );
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
-                    .spawn(move || worker_loop(&http, &state, &stopping, &ids))
+                    .spawn(move || {
+                        worker_loop(&http, &state, &stopping, &ids);
+                        drop(done);
+                    })
                     .map_err(|e| format!("cannot start worker threads: {e}"))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        drop(done);
         let recovery = RecoveryThread::start(state)?;
         info!("listening on http://{addr} with {} workers", workers.len());
         Ok(Server {
             http,
             workers,
+            workers_done,
             stopping,
             recovery,
             addr,
@@ -68,17 +86,29 @@ impl Server {
         self.addr
     }
 
-    /// Stops taking requests, lets each worker finish the request it is serving, and
-    /// joins every worker.
-    pub fn shutdown(self) {
+    /// Stops serving: each worker finishes the request it is serving and those already
+    /// queued, then returns; the recovery thread stops after its current round. Waits at
+    /// most `grace` for all of that; returns false if something was still running then
+    /// (those threads are left to the process exit).
+    pub fn shutdown(self, grace: Duration) -> bool {
+        let deadline = Instant::now() + grace;
         self.stopping.store(true, Ordering::SeqCst);
         for _ in 0..self.workers.len() {
             self.http.unblock();
         }
-        for worker in self.workers {
-            let _ = worker.join();
+        let drained = matches!(
+            self.workers_done.recv_deadline(deadline),
+            Err(RecvTimeoutError::Disconnected)
+        );
+        if drained {
+            for worker in self.workers {
+                let _ = worker.join();
+            }
+        } else {
+            let busy = self.workers.iter().filter(|w| !w.is_finished()).count();
+            warn!("{busy} request(s) still in flight after the grace period; not waiting");
         }
-        self.recovery.stop();
+        self.recovery.stop(deadline) && drained
     }
 }
 
@@ -88,11 +118,29 @@ fn worker_loop(
     stopping: &AtomicBool,
     ids: &AtomicU64,
 ) {
-    while !stopping.load(Ordering::SeqCst) {
+    loop {
         match http.recv() {
-            Ok(request) => serve_one(state, request, ids.fetch_add(1, Ordering::Relaxed)),
+            Ok(request) => serve_guarded(state, request, ids),
+            Err(_) if stopping.load(Ordering::SeqCst) => break,
             Err(e) => debug!("recv: {e}"),
         }
+        if stopping.load(Ordering::SeqCst) {
+            break;
+        }
+    }
+    // Requests tiny_http accepted before the stop are served, not dropped.
+    while let Ok(Some(request)) = http.try_recv() {
+        serve_guarded(state, request, ids);
+    }
+}
+
+/// A bug that panics while serving one request must not take a worker out of the pool:
+/// the client gets tiny_http's 500 (or a cut response), the worker goes on.
+fn serve_guarded(state: &State, request: tiny_http::Request, ids: &AtomicU64) {
+    let id = ids.fetch_add(1, Ordering::Relaxed);
+    let served = std::panic::catch_unwind(AssertUnwindSafe(|| serve_one(state, request, id)));
+    if served.is_err() {
+        error!("#{id}: the worker panicked while serving this request");
     }
 }
 
@@ -160,8 +208,11 @@ fn parse_request(
             .map_err(|_| bad(format!("the value of header {name} is not valid")))?;
         headers.push((name, value));
     }
-    let max = state.current().config.max_body_bytes;
-    let body = read_body(request, max)?;
+    let generation = state.current();
+    let mut body = read_body(request, generation.config.max_body_bytes)?;
+    if let Some(model) = &generation.config.model_override {
+        crate::forward::override_model(&mut body, model);
+    }
     Ok(ClientRequest {
         method,
         target,

@@ -6,6 +6,7 @@
 //! (after it is released) the queue lock. The current generation (config + endpoints) sits
 //! behind an `RwLock<Arc<_>>` that a request reads once, so a reload never blocks traffic.
 
+use crate::affinity::Affinity;
 use crate::config::Config;
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::failure_queue::FailureQueue;
@@ -45,6 +46,7 @@ pub struct Counters {
 pub struct State {
     generation: RwLock<Arc<Generation>>,
     pub queue: FailureQueue,
+    pub affinity: Affinity,
     pub schedule: Schedule,
     /// Probes run here, never on rayon's global pool: they block on the network.
     pub probe_pool: rayon::ThreadPool,
@@ -66,6 +68,7 @@ impl State {
         Ok(State {
             generation: RwLock::new(Arc::new(generation)),
             queue: FailureQueue::default(),
+            affinity: Affinity::default(),
             schedule: Schedule::default(),
             probe_pool,
             counters: Counters::default(),
