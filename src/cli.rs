@@ -3,7 +3,7 @@
 
 use crate::config::{Config, ConfigError, Overrides};
 use crate::server::{DRAIN_GRACE, Server};
-use crate::state::State;
+use crate::state::{Source, State};
 use clap::{Parser, Subcommand};
 use log::{LevelFilter, info, warn};
 use std::fmt;
@@ -54,6 +54,13 @@ enum Command {
     },
     /// Run mock upstreams, the proxy and traffic on loopback; no config, no network.
     Demo,
+    /// Print a running proxy's endpoints and counters as a table.
+    #[command(after_help = "Example:\n  failover-proxy status --url http://127.0.0.1:7860")]
+    Status {
+        /// The proxy's base URL.
+        #[arg(long, default_value = "http://127.0.0.1:7860")]
+        url: String,
+    },
 }
 
 /// A failed command; `exit_code` maps its kind to the contract's exit codes.
@@ -93,6 +100,7 @@ pub fn run() -> Result<(), CliError> {
         } => serve(&config, Overrides { listen, workers }, log_level, log_file),
         Command::Check { config, probe } => check(&config, probe),
         Command::Demo => crate::demo::run().map_err(CliError::Startup),
+        Command::Status { url } => status(&url),
     }
 }
 
@@ -119,7 +127,14 @@ fn serve(
 ) -> Result<(), CliError> {
     let config = load(path, &overrides)?;
     init_logging(level, log_file.as_deref())?;
-    let state = Arc::new(build_state(path, config)?);
+    let state = build_state(path, config)?;
+    let source = Source {
+        config_path: path.to_path_buf(),
+        overrides: overrides.clone(),
+        log_file: log_file.clone(),
+    };
+    let _first_and_only = state.source.set(source);
+    let state = Arc::new(state);
     let server = Server::start(state.clone()).map_err(CliError::Startup)?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
@@ -129,7 +144,7 @@ fn serve(
     .map_err(|e| CliError::Startup(format!("cannot install signal handlers: {e}")))?;
     for signal in signals.forever() {
         if signal == signal_hook::consts::SIGHUP {
-            reload(&state, path, &overrides);
+            reload(&state);
             continue;
         }
         info!("signal {signal}: finishing in-flight requests, then exiting");
@@ -142,12 +157,9 @@ fn serve(
 }
 
 /// SIGHUP: a valid new config replaces the old one; an invalid one changes nothing.
-fn reload(state: &State, path: &Path, overrides: &Overrides) {
-    let result = Config::load(path, overrides)
-        .map_err(|e| e.to_string())
-        .and_then(|config| state.reload(config));
-    match result {
-        Ok(()) => info!("reloaded {}", path.display()),
+fn reload(state: &State) {
+    match state.reload_from_source() {
+        Ok(()) => info!("config reloaded"),
         Err(e) => warn!("reload refused, the running config is unchanged: {e}"),
     }
 }
@@ -226,4 +238,71 @@ fn probe_all(state: &State) {
         let word = if r.recovered { "ok    " } else { "FAILED" };
         println!("{word} {:<16} {}  {}", e.name(), e.id(), r.detail);
     }
+}
+
+/// `status`: one GET of `/__qcc__/stats`, printed as a table.
+fn status(url: &str) -> Result<(), CliError> {
+    let stats_url = format!("{}/__qcc__/stats", url.trim_end_matches('/'));
+    let fail = |e: String| CliError::Startup(format!("cannot read {stats_url}: {e}"));
+    let agent = ureq::Agent::config_builder()
+        .timeout_global(Some(std::time::Duration::from_secs(10)))
+        .build()
+        .new_agent();
+    let mut response = agent.get(&stats_url).call().map_err(|e| fail(e.to_string()))?;
+    let body = response
+        .body_mut()
+        .read_to_vec()
+        .map_err(|e| fail(e.to_string()))?;
+    let stats: serde_json::Value =
+        serde_json::from_slice(&body).map_err(|e| fail(format!("not JSON: {e}")))?;
+    print!("{}", status_table(&stats));
+    Ok(())
+}
+
+fn status_table(s: &serde_json::Value) -> String {
+    let mut out = format!(
+        "requests {} (ok {}, failed {}), uptime {:.0}s, healthy endpoints {}/{}, queued {}\n",
+        s["total_requests"], s["successful_requests"], s["failed_requests"],
+        s["uptime"].as_f64().unwrap_or(0.0), s["healthy_endpoints"], s["total_endpoints"],
+        s["failure_queue_size"]
+    );
+    out += &format!(
+        "{:<16} {:<8} {:>4} {:<10} {:>9} {:>7} {:>8} {:>6}  last error\n",
+        "name", "id", "prio", "state", "attempts", "failed", "avg ms", "flight"
+    );
+    let queued: Vec<&str> = s["failed_endpoints"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
+        .unwrap_or_default();
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Null => String::new(),
+        other => other.to_string(),
+    };
+    for e in s["endpoints"].as_array().into_iter().flatten() {
+        let h = &e["health_status"];
+        let id = e["id"].as_str().unwrap_or("");
+        let state = if e["enabled"] == false {
+            "disabled"
+        } else if queued.contains(&id) {
+            "QUEUED"
+        } else if !e["cooldown_until"].is_null() {
+            "cooling"
+        } else {
+            h["status"].as_str().unwrap_or("?")
+        };
+        out += &format!(
+            "{:<16} {:<8} {:>4} {:<10} {:>9} {:>7} {:>8.0} {:>6}  {}\n",
+            text(&e["name"]),
+            id,
+            text(&e["priority"]),
+            state,
+            text(&h["total_requests"]),
+            text(&h["failed_requests"]),
+            h["avg_response_time"].as_f64().unwrap_or(0.0),
+            text(&e["in_flight"]),
+            text(&h["last_error"])
+        );
+    }
+    out
 }

@@ -16,6 +16,8 @@ pub mod failure_queue;
 pub mod forward;
 pub mod health;
 pub mod http_out;
+pub mod logfile;
+pub mod metrics;
 pub mod idle;
 pub mod mock;
 pub mod probe;

@@ -151,6 +151,8 @@ impl RecoveryThread {
         let Some(thread) = self.thread.take() else {
             return true;
         };
+        // Waking from `select!` takes a moment even when the deadline has passed.
+        let deadline = deadline.max(Instant::now() + Duration::from_millis(500));
         while !thread.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(10));
         }

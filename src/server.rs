@@ -93,13 +93,7 @@ impl Server {
     pub fn shutdown(self, grace: Duration) -> bool {
         let deadline = Instant::now() + grace;
         self.stopping.store(true, Ordering::SeqCst);
-        for _ in 0..self.workers.len() {
-            self.http.unblock();
-        }
-        let drained = matches!(
-            self.workers_done.recv_deadline(deadline),
-            Err(RecvTimeoutError::Disconnected)
-        );
+        let drained = self.wake_workers_until_done(deadline);
         if drained {
             for worker in self.workers {
                 let _ = worker.join();
@@ -109,6 +103,26 @@ impl Server {
             warn!("{busy} request(s) still in flight after the grace period; not waiting");
         }
         self.recovery.stop(deadline) && drained
+    }
+}
+
+impl Server {
+    /// tiny_http's `unblock` queues one wake-up token that any `recv` or `try_recv` may
+    /// take, so a draining worker can eat another's token: keep handing out one token per
+    /// running worker until all have returned.
+    fn wake_workers_until_done(&self, deadline: Instant) -> bool {
+        loop {
+            let running = self.workers.iter().filter(|w| !w.is_finished()).count();
+            for _ in 0..running {
+                self.http.unblock();
+            }
+            let wait = deadline.min(Instant::now() + Duration::from_millis(50));
+            match self.workers_done.recv_deadline(wait) {
+                Err(RecvTimeoutError::Disconnected) => return true,
+                _ if Instant::now() >= deadline => return false,
+                _ => {}
+            }
+        }
     }
 }
 
@@ -172,6 +186,7 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64) {
         return;
     }
     let served = forward::forward(state, &request, &mut out);
+    state.counters.latency.observe(started.elapsed());
     let endpoint = served
         .endpoint
         .map(|e| e.to_string())

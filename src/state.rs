@@ -7,7 +7,10 @@
 //! behind an `RwLock<Arc<_>>` that a request reads once, so a reload never blocks traffic.
 
 use crate::affinity::Affinity;
-use crate::config::Config;
+use crate::config::{Config, Overrides};
+use crate::metrics::Histogram;
+use std::path::PathBuf;
+use std::sync::OnceLock;
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::failure_queue::FailureQueue;
 use crate::health::{Outcome, Verdict};
@@ -41,6 +44,16 @@ pub struct Counters {
     pub failed_requests: AtomicU64,
     /// Client requests answered by an endpoint other than the first one tried.
     pub failovers: AtomicU64,
+    /// Client request durations (arrival to end of answer).
+    pub latency: Histogram,
+}
+
+/// Where the running config came from, for reloads and the log API (`serve` sets it).
+#[derive(Clone, Debug)]
+pub struct Source {
+    pub config_path: PathBuf,
+    pub overrides: Overrides,
+    pub log_file: Option<PathBuf>,
 }
 
 pub struct State {
@@ -51,6 +64,7 @@ pub struct State {
     /// Probes run here, never on rayon's global pool: they block on the network.
     pub probe_pool: rayon::ThreadPool,
     pub counters: Counters,
+    pub source: OnceLock<Source>,
     pub start_time: SystemTime,
     pub started: Instant,
     /// The id of the endpoint that last answered a client, `u64::MAX` before any.
@@ -72,6 +86,7 @@ impl State {
             schedule: Schedule::default(),
             probe_pool,
             counters: Counters::default(),
+            source: OnceLock::new(),
             start_time: SystemTime::now(),
             started: Instant::now(),
             last_used: AtomicU64::new(u64::MAX),
@@ -98,6 +113,17 @@ impl State {
         }
         *self.generation.write() = Arc::new(next);
         Ok(())
+    }
+
+    /// Re-reads the config file the proxy was started with (SIGHUP, `POST /__qcc__/reload`).
+    pub fn reload_from_source(&self) -> Result<(), String> {
+        let source = self
+            .source
+            .get()
+            .ok_or("this proxy was not started from a config file")?;
+        let config = Config::load(&source.config_path, &source.overrides)
+            .map_err(|e| e.to_string())?;
+        self.reload(config)
     }
 
     /// Records one attempt's outcome on an endpoint and quarantines it if the outcome
