@@ -61,6 +61,8 @@ enum Command {
         #[arg(long, default_value = "http://127.0.0.1:7860")]
         url: String,
     },
+    /// Turn a profile of qcc's config cache (~/.fastcc/cache.json) into a config.
+    ImportQcc(crate::import_qcc::Args),
 }
 
 /// A failed command; `exit_code` maps its kind to the contract's exit codes.
@@ -101,6 +103,7 @@ pub fn run() -> Result<(), CliError> {
         Command::Check { config, probe } => check(&config, probe),
         Command::Demo => crate::demo::run().map_err(CliError::Startup),
         Command::Status { url } => status(&url),
+        Command::ImportQcc(args) => crate::import_qcc::run(&args),
     }
 }
 

@@ -560,7 +560,14 @@ fn commit(prepared: Prepared, out: &mut ClientOut) -> Committed {
     let Ok(mut sink) = out.start(status, &headers, prepared.framing) else {
         return Committed { status, upstream_error: None };
     };
-    if sink.write_piece(&prepared.prefix).is_err() {
+    // The head goes out now, with the prefix if there is one: a stream's headers must
+    // not wait for its next event.
+    let sent = if prepared.prefix.is_empty() {
+        sink.flush()
+    } else {
+        sink.write_piece(&prepared.prefix)
+    };
+    if sent.is_err() {
         return Committed { status, upstream_error: None };
     }
     let end = match prepared.rest {

@@ -53,7 +53,8 @@ impl ClientOut {
     }
 
     /// Writes the status line and headers (`headers` must not hold framing headers; this
-    /// adds them), and returns the sink for the body.
+    /// adds them), and returns the sink for the body. The head is flushed with the first
+    /// piece of body (one packet for a small response), or by `BodySink::flush`.
     pub fn start(
         &mut self,
         status: u16,
@@ -68,7 +69,6 @@ impl ClientOut {
             self.write_head(status, headers, framing)?;
             framing
         };
-        self.writer.flush()?;
         Ok(BodySink { out: self, framing })
     }
 
@@ -107,6 +107,11 @@ impl ClientOut {
 }
 
 impl BodySink<'_> {
+    /// Sends what was written so far (the head, before a body that is not there yet).
+    pub fn flush(&mut self) -> io::Result<()> {
+        self.out.writer.flush()
+    }
+
     /// Writes one piece and flushes it: nothing waits for a buffer to fill.
     pub fn write_piece(&mut self, piece: &[u8]) -> io::Result<()> {
         if piece.is_empty() {

@@ -19,6 +19,7 @@ pub mod http_out;
 pub mod logfile;
 pub mod metrics;
 pub mod idle;
+pub mod import_qcc;
 pub mod mock;
 pub mod probe;
 pub mod recovery;

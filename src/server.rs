@@ -41,8 +41,7 @@ impl Server {
     pub fn start(state: Arc<State>) -> Result<Server, String> {
         let generation = state.current();
         let listen = generation.config.listen;
-        let http = tiny_http::Server::http(listen)
-            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let http = bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = http
             .server_addr()
             .to_ip()
@@ -104,6 +103,15 @@ impl Server {
         }
         self.recovery.stop(deadline) && drained
     }
+}
+
+/// Binds with TCP_NODELAY set on the listening socket, so every accepted connection has
+/// it: a streamed event is one small write, and Nagle's algorithm would hold it back until
+/// the previous one was acknowledged (up to 40 ms with delayed ACKs).
+fn bind(listen: SocketAddr) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
+    let listener = std::net::TcpListener::bind(listen)?;
+    socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
+    tiny_http::Server::from_listener(listener, None)
 }
 
 impl Server {
