@@ -186,7 +186,7 @@ fn show(state: &State, events: &Mutex<Vec<String>>, tally: &Tally, t: Duration, 
         let h = e.health();
         let word = if state.queue.contains(e.id()) {
             "QUEUED"
-        } else if e.cooling_since(now).is_some() {
+        } else if e.is_cooling(now) {
             "cooling"
         } else {
             h.status.as_str()

@@ -66,6 +66,15 @@ impl Endpoint {
         }
     }
 
+    /// The same endpoint (same id) under a reloaded config: it keeps its health and
+    /// counters, as the contract requires, and takes the new settings and agent.
+    pub fn successor(&self, config: EndpointConfig, agent: ureq::Agent) -> Endpoint {
+        let next = Endpoint::new(config, agent);
+        *next.health.lock() = self.health();
+        next.probes.store(self.probes(), Ordering::Relaxed);
+        next
+    }
+
     pub fn id(&self) -> EndpointId {
         self.config.id
     }
@@ -90,10 +99,9 @@ impl Endpoint {
         self.health.lock().clone()
     }
 
-    /// Cooling down after a 429: since when, if so.
-    pub fn cooling_since(&self, now: Instant) -> Option<Instant> {
-        let h = self.health.lock();
-        h.is_cooling(now).then(|| h.out_since.unwrap_or(now))
+    /// Cooling down after a 429.
+    pub fn is_cooling(&self, now: Instant) -> bool {
+        self.health.lock().is_cooling(now)
     }
 
     /// When the current trouble began (panic mode picks the oldest).

@@ -175,7 +175,7 @@ impl State {
     pub fn is_eligible(&self, endpoint: &Endpoint, now: Instant) -> bool {
         endpoint.is_enabled()
             && !self.queue.contains(endpoint.id())
-            && endpoint.cooling_since(now).is_none()
+            && !endpoint.is_cooling(now)
     }
 
     /// The eligible endpoints of a generation, as selection candidates.
@@ -210,12 +210,10 @@ pub fn build_generation(config: Config, keep: &[Arc<Endpoint>]) -> Result<Genera
     let shared = upstream::shared_agent(&config);
     let mut endpoints = Vec::with_capacity(config.endpoints.len());
     for ec in &config.endpoints {
-        let reused = keep
-            .iter()
-            .find(|e| e.id() == ec.id && e.config == *ec)
-            .cloned();
-        let endpoint = match reused {
-            Some(e) => e,
+        let old = keep.iter().find(|e| e.id() == ec.id);
+        let endpoint = match old {
+            Some(e) if e.config == *ec => e.clone(),
+            Some(e) => Arc::new(e.successor(ec.clone(), upstream::agent_for(&config, ec, &shared)?)),
             None => Arc::new(Endpoint::new(
                 ec.clone(),
                 upstream::agent_for(&config, ec, &shared)?,
