@@ -461,7 +461,9 @@ fn prepare_success(
     }
     if let (false, Some(n)) = (sse, length) {
         let mut body = Vec::with_capacity(n as usize);
-        let read = (&mut reader).take(n).read_to_end(&mut body);
+        // To the end, not `take(n)`: ureq returns the connection to its pool only once its
+        // reader has reported the end of the body (it enforces the length itself).
+        let read = reader.read_to_end(&mut body);
         if let Err(e) = read {
             return Err((body_error(&e), None));
         }

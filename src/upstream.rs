@@ -61,8 +61,10 @@ fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::
         // Not a deadline: it only makes ureq label body reads `RecvBody`, which is how
         // `idle::IdleTransport` knows to apply `idle_timeout` to them.
         .timeout_recv_body(Some(NO_BODY_DEADLINE))
-        .max_idle_connections(256)
-        .max_idle_connections_per_host(64)
+        // Every worker may hold one connection to the same upstream; a smaller pool would
+        // close connections that are needed again a moment later.
+        .max_idle_connections(4 * config.workers.max(64))
+        .max_idle_connections_per_host(config.workers.max(64))
         .tls_config(TlsConfig::builder().root_certs(RootCerts::PlatformVerifier).build())
 }
 

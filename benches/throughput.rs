@@ -1,0 +1,123 @@
+//! Short-request throughput and latency: direct to the mock upstream vs through the proxy,
+//! at 1, 16 and 64 keep-alive clients, in the same run (PERF-NOTES.md's table, measured by
+//! the bench itself). Prints figures; asserts nothing about time.
+//!
+//! `cargo bench --bench throughput` (set `SECONDS=N` for longer cells; default 3).
+
+use failover_proxy::config::{Config, Overrides};
+use failover_proxy::mock::MockUpstream;
+use failover_proxy::server::Server;
+use failover_proxy::state::State;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+const BODY: &str = r#"{"model":"claude-bench","max_tokens":64,"messages":[{"role":"user","content":"Hello, this is a benchmark request of roughly three hundred bytes, about the size of a short chat turn sent by a client. It asks for nothing in particular and says so at some length."}]}"#;
+
+fn main() {
+    if let Ok(path) = std::env::var("BENCH_LOG") {
+        let file = std::fs::File::create(path).expect("log file");
+        simplelog::WriteLogger::init(log::LevelFilter::Info, simplelog::Config::default(), file).expect("logger");
+    }
+    let seconds: u64 = std::env::var("SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let upstream = MockUpstream::start().expect("mock");
+    let workers = std::env::var("WORKERS").ok().and_then(|s| s.parse().ok()).unwrap_or(64usize);
+    let config = format!(
+        r#"{{"listen":"127.0.0.1:0","workers":{workers},"endpoints":[{{"base_url":"{}","api_key":"sk-bench-0000000000000000"}}]}}"#,
+        upstream.url()
+    );
+    let config = Config::from_json(&config, &Overrides::default(), &|_| None).expect("config");
+    let server = Server::start(Arc::new(State::new(config).expect("state"))).expect("proxy");
+    println!("short requests ({} B body), {seconds} s per cell, proxy workers {workers}", BODY.len());
+    println!("{:>8} {:>12} {:>10} {:>10}   {:>12} {:>10} {:>10}   {:>7}", "clients", "direct rps", "p50 µs", "p99 µs", "proxy rps", "p50 µs", "p99 µs", "ratio");
+    for clients in [1, 16, 64] {
+        let direct = run(upstream.addr(), clients, Duration::from_secs(seconds));
+        let proxied = run(server.addr(), clients, Duration::from_secs(seconds));
+        println!(
+            "{clients:>8} {:>12.0} {:>10} {:>10}   {:>12.0} {:>10} {:>10}   {:>7.2}",
+            direct.rps, direct.p50, direct.p99, proxied.rps, proxied.p50, proxied.p99,
+            proxied.rps / direct.rps
+        );
+    }
+    println!("upstream connections accepted: {}", upstream.connections_accepted());
+    for clients in [1, 16] {
+        let d = run(upstream.addr(), clients, Duration::from_secs(seconds));
+        let p = run(server.addr(), clients, Duration::from_secs(seconds));
+        println!("max latency at {clients} clients: direct {} µs, proxy {} µs", d.max, p.max);
+    }
+    server.shutdown(Duration::from_secs(5));
+}
+
+struct Cell {
+    rps: f64,
+    p50: u128,
+    p99: u128,
+    max: u128,
+}
+
+fn run(addr: SocketAddr, clients: usize, length: Duration) -> Cell {
+    let stop = Arc::new(AtomicBool::new(false));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || client(addr, &stop))
+        })
+        .collect();
+    std::thread::sleep(length);
+    stop.store(true, Ordering::SeqCst);
+    let mut latencies: Vec<u128> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    latencies.sort_unstable();
+    let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(0);
+    Cell {
+        rps: latencies.len() as f64 / length.as_secs_f64(),
+        p50: at(0.5),
+        p99: at(0.99),
+        max: latencies.last().copied().unwrap_or(0),
+    }
+}
+
+/// One keep-alive connection sending requests back to back; latencies in µs.
+fn client(addr: SocketAddr, stop: &AtomicBool) -> Vec<u128> {
+    let stream = TcpStream::connect(addr).expect("connect");
+    stream.set_nodelay(true).ok();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).ok();
+    let mut writer = stream.try_clone().expect("clone");
+    let mut reader = BufReader::new(stream);
+    let request = format!(
+        "POST /v1/messages HTTP/1.1\r\nhost: bench\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    let mut latencies = Vec::with_capacity(100_000);
+    while !stop.load(Ordering::Relaxed) {
+        let started = Instant::now();
+        if writer.write_all(request.as_bytes()).is_err() || !read_response(&mut reader) {
+            break;
+        }
+        latencies.push(started.elapsed().as_micros());
+    }
+    latencies
+}
+
+/// Reads one Content-Length response; false on any error.
+fn read_response(reader: &mut BufReader<TcpStream>) -> bool {
+    let mut length = 0usize;
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return false;
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            if name.eq_ignore_ascii_case("content-length") {
+                length = value.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).is_ok()
+}
