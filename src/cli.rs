@@ -7,6 +7,7 @@ use crate::state::{Source, State};
 use clap::{Parser, Subcommand};
 use log::{LevelFilter, info, warn};
 use std::fmt;
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -138,13 +139,14 @@ fn serve(
     };
     let _first_and_only = state.source.set(source);
     let state = Arc::new(state);
-    let server = Server::start(state.clone()).map_err(CliError::Startup)?;
+    // Handlers first: a SIGTERM right after start-up must drain, not kill.
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGHUP,
     ])
     .map_err(|e| CliError::Startup(format!("cannot install signal handlers: {e}")))?;
+    let server = Server::start(state.clone()).map_err(CliError::Startup)?;
     for signal in signals.forever() {
         if signal == signal_hook::consts::SIGHUP {
             reload(&state);
@@ -174,11 +176,17 @@ fn init_logging(level: LevelFilter, file: Option<&Path>) -> Result<(), CliError>
         .set_target_level(LevelFilter::Off)
         .set_thread_level(LevelFilter::Off)
         .build();
+    // Colours only for a person at a terminal, never into a redirected file or journal.
+    let colours = if std::io::stderr().is_terminal() {
+        ColorChoice::Auto
+    } else {
+        ColorChoice::Never
+    };
     let mut loggers: Vec<Box<dyn SharedLogger>> = vec![TermLogger::new(
         level,
         config.clone(),
         TerminalMode::Stderr,
-        ColorChoice::Auto,
+        colours,
     )];
     if let Some(path) = file {
         let f = std::fs::OpenOptions::new()

@@ -63,20 +63,24 @@ enum Attempt {
 }
 
 /// Serves one client request through the endpoints of the current generation.
-pub fn forward(state: &State, request: &ClientRequest, out: &mut ClientOut) -> Served {
-    let generation = state.current();
+pub fn forward(
+    state: &State,
+    generation: &Generation,
+    request: &ClientRequest,
+    out: &mut ClientOut,
+) -> Served {
     let config = &generation.config;
     let mut tries = vec![0u32; generation.endpoints.len()];
     let mut last: Option<Buffered> = None;
     let mut attempts = 0;
     let mut panicked = false;
-    let session = session(state, &generation, request);
+    let session = session(state, generation, request);
     while attempts < config.max_attempts && !panicked {
         let now = Instant::now();
         let bound = session.as_ref().and_then(|s| s.bound).filter(|_| attempts == 0);
-        let index = match bound.or_else(|| next_endpoint(state, &generation, &tries, now)) {
+        let index = match bound.or_else(|| next_endpoint(state, generation, &tries, now)) {
             Some(index) => index,
-            None if attempts == 0 => match panic_endpoint(&generation) {
+            None if attempts == 0 => match panic_endpoint(generation) {
                 Some(index) => {
                     panicked = true;
                     index
@@ -98,7 +102,7 @@ pub fn forward(state: &State, request: &ClientRequest, out: &mut ClientOut) -> S
                 endpoint.id()
             );
         }
-        match attempt(state, endpoint, request, out) {
+        match attempt(state, &generation.config, endpoint, request, out) {
             Attempt::Delivered(status) => {
                 state.note_used(endpoint.id());
                 if let Some(s) = session.as_ref().filter(|_| status < 400) {
@@ -222,6 +226,7 @@ fn backoff(previous_tries: u32) -> Duration {
 
 fn attempt(
     state: &State,
+    config: &crate::config::Config,
     endpoint: &Endpoint,
     request: &ClientRequest,
     out: &mut ClientOut,
@@ -259,7 +264,7 @@ fn attempt(
             failed(state, Outcome::AuthFailure(reason), answer)
         }
         Class::RateLimited => {
-            let default = state.current().config.rate_limit_cooldown;
+            let default = config.rate_limit_cooldown;
             let until = upstream::cooldown_until(&parts.headers, default, Instant::now());
             let answer = buffer_error(status, &parts.headers, reader);
             let reason = format!("HTTP 429{}: rate limited", error_kind(&answer));

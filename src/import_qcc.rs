@@ -66,6 +66,12 @@ pub fn run(args: &Args) -> Result<(), CliError> {
     let imported =
         translate(&text, args.profile.as_deref(), args.keys_to_env).map_err(config_error)?;
     match &args.output {
+        Some(out) if same_file(out, &path) => {
+            return Err(config_error(format!(
+                "--output {} is qcc's cache itself; writing there would destroy it",
+                out.display()
+            )));
+        }
         Some(out) => write_private(out, &imported.config)?,
         None => print!("{}", imported.config),
     }
@@ -74,6 +80,14 @@ pub fn run(args: &Args) -> Result<(), CliError> {
     }
     eprintln!("{}", summary(&imported, args));
     Ok(())
+}
+
+/// True when both paths name one existing file (a link or `./` does not hide it).
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    }
 }
 
 /// `~/.fastcc/cache.json`, where qcc keeps its profiles.

@@ -45,9 +45,11 @@ pub fn round(state: &State, force: bool) -> Vec<Report> {
     let due: Vec<Arc<Endpoint>> = {
         let mut schedule = state.schedule.due.lock();
         schedule.retain(|id, _| queued.contains(id));
+        // A disabled endpoint stays queued but costs no probes until it is enabled again.
         queued
             .iter()
             .filter_map(|id| generation.endpoint(*id))
+            .filter(|e| e.is_enabled())
             .filter(|e| {
                 let (at, _) = *schedule
                     .entry(e.id())

@@ -7,6 +7,7 @@
 //! concurrency and the threads that can block on upstreams.
 
 use crate::admin;
+use crate::config::Config;
 use crate::forward::{self, send_error};
 use crate::http_out::ClientOut;
 use crate::recovery::RecoveryThread;
@@ -173,7 +174,9 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64) {
     let head = request.method() == &tiny_http::Method::Head;
     let path = request.url().to_string();
     let method = request.method().as_str().to_string();
-    let parsed = parse_request(state, &mut request);
+    // One generation for the whole request: a reload in the middle does not split it.
+    let generation = state.current();
+    let parsed = parse_request(&generation.config, &mut request);
     let mut out = ClientOut::new(request.into_writer(), http10, head);
     let request = match parsed {
         Ok(r) => r,
@@ -188,12 +191,12 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64) {
         debug!("#{id} {method} {path} → {status} (admin)");
         return;
     }
-    if let Err(message) = check_access(state, &request) {
+    if let Err(message) = check_access(&generation.config, &request) {
         send_error(&mut out, 401, "authentication_error", message);
         info!("#{id} {method} {path} → 401 ({message})");
         return;
     }
-    let served = forward::forward(state, &request, &mut out);
+    let served = forward::forward(state, &generation, &request, &mut out);
     state.counters.latency.observe(started.elapsed());
     let endpoint = served
         .endpoint
@@ -213,7 +216,7 @@ type Rejection = (u16, &'static str, String);
 /// forward: 413 for a body too large, 400 for anything malformed; neither reaches an
 /// upstream.
 fn parse_request(
-    state: &State,
+    config: &Config,
     request: &mut tiny_http::Request,
 ) -> Result<ClientRequest, Rejection> {
     let bad = |message: String| (400, "invalid_request_error", message);
@@ -231,9 +234,8 @@ fn parse_request(
             .map_err(|_| bad(format!("the value of header {name} is not valid")))?;
         headers.push((name, value));
     }
-    let generation = state.current();
-    let mut body = read_body(request, generation.config.max_body_bytes)?;
-    if let Some(model) = &generation.config.model_override {
+    let mut body = read_body(request, config.max_body_bytes)?;
+    if let Some(model) = &config.model_override {
         crate::forward::override_model(&mut body, model);
     }
     Ok(ClientRequest {
@@ -269,9 +271,8 @@ fn read_body(request: &mut tiny_http::Request, max: usize) -> Result<Vec<u8>, Re
 
 /// Rule 2: with `access_tokens` set, the client must present one as `x-api-key` or
 /// `Authorization: Bearer`.
-fn check_access(state: &State, request: &ClientRequest) -> Result<(), &'static str> {
-    let generation = state.current();
-    let tokens = &generation.config.access_tokens;
+fn check_access(config: &Config, request: &ClientRequest) -> Result<(), &'static str> {
+    let tokens = &config.access_tokens;
     if tokens.is_empty() {
         return Ok(());
     }
