@@ -171,35 +171,6 @@ fn install_event_printer(start: Instant) -> Arc<Mutex<Vec<String>>> {
 }
 
 fn show(state: &State, events: &Mutex<Vec<String>>, tally: &Tally, t: Duration, live: bool) {
-    let mut screen = String::new();
-    let generation = state.current();
-    let now = Instant::now();
-    screen.push_str(&format!(
-        "t={:>4.1}s  answered {}  client errors {}  failovers {}\n",
-        t.as_secs_f64(),
-        tally.answered.load(Ordering::Relaxed),
-        tally.errors.load(Ordering::Relaxed),
-        state.counters.failovers.load(Ordering::Relaxed),
-    ));
-    screen.push_str(&format!("  {:<8} {:<10} {:>9} {:>8} {:>7}\n", "endpoint", "state", "attempts", "failed", "probes"));
-    for e in &generation.endpoints {
-        let h = e.health();
-        let word = if state.queue.contains(e.id()) {
-            "QUEUED"
-        } else if e.is_cooling(now) {
-            "cooling"
-        } else {
-            h.status.as_str()
-        };
-        screen.push_str(&format!(
-            "  {:<8} {:<10} {:>9} {:>8} {:>7}\n",
-            e.name(),
-            word,
-            h.total_requests,
-            h.failed_requests,
-            e.probes()
-        ));
-    }
     let new_events: Vec<String> = std::mem::take(&mut *events.lock());
     let mut stdout = std::io::stdout().lock();
     if live {
@@ -209,12 +180,62 @@ fn show(state: &State, events: &Mutex<Vec<String>>, tally: &Tally, t: Duration, 
     for line in new_events {
         let _ = writeln!(stdout, "{line}");
     }
-    let _ = write!(stdout, "{screen}");
     if live {
-        let rows = screen.lines().count();
-        let _ = write!(stdout, "\x1b[{rows}A");
+        let screen = table(state, tally, t);
+        let _ = write!(stdout, "{screen}\x1b[{}A", screen.lines().count());
+    } else if t.as_millis() % 2000 < 500 {
+        // Into a file or pipe: one line every 2 s instead of a redrawn table.
+        let _ = writeln!(stdout, "{}", one_line(state, tally, t));
     }
     let _ = stdout.flush();
+}
+
+/// Each endpoint's state as the live view names it.
+fn states(state: &State) -> Vec<(String, &'static str, u64, u64, u64)> {
+    let now = Instant::now();
+    state
+        .current()
+        .endpoints
+        .iter()
+        .map(|e| {
+            let h = e.health();
+            let word = if state.queue.contains(e.id()) {
+                "QUEUED"
+            } else if e.is_cooling(now) {
+                "cooling"
+            } else {
+                h.status.as_str()
+            };
+            (e.name().to_string(), word, h.total_requests, h.failed_requests, e.probes())
+        })
+        .collect()
+}
+
+fn headline(state: &State, tally: &Tally, t: Duration) -> String {
+    format!(
+        "t={:>4.1}s  answered {}  client errors {}  failovers {}",
+        t.as_secs_f64(),
+        tally.answered.load(Ordering::Relaxed),
+        tally.errors.load(Ordering::Relaxed),
+        state.counters.failovers.load(Ordering::Relaxed),
+    )
+}
+
+fn table(state: &State, tally: &Tally, t: Duration) -> String {
+    let mut screen = headline(state, tally, t) + "\n";
+    screen += &format!("  {:<8} {:<10} {:>9} {:>8} {:>7}\n", "endpoint", "state", "attempts", "failed", "probes");
+    for (name, word, attempts, failed, probes) in states(state) {
+        screen += &format!("  {name:<8} {word:<10} {attempts:>9} {failed:>8} {probes:>7}\n");
+    }
+    screen
+}
+
+fn one_line(state: &State, tally: &Tally, t: Duration) -> String {
+    let endpoints: Vec<String> = states(state)
+        .into_iter()
+        .map(|(name, word, attempts, failed, _)| format!("{name} {word} {attempts}/{failed} failed"))
+        .collect();
+    format!("{}  |  {}", headline(state, tally, t), endpoints.join(", "))
 }
 
 fn summary(state: &State, tally: &Tally) -> Result<(), String> {

@@ -7,7 +7,7 @@
 //! length is read whole before it is committed, and an event stream is held back only
 //! until its first event has been seen.
 
-use crate::endpoint::{Endpoint, EndpointId};
+use crate::endpoint::{Endpoint, EndpointId, InFlight};
 use crate::health::Outcome;
 use crate::http_out::{BodySink, ClientOut, Framing, error_body};
 use crate::state::{Generation, State};
@@ -53,13 +53,23 @@ struct Prepared {
     sse: bool,
 }
 
-enum Attempt {
-    /// The client got an answer from this endpoint (or hung up while getting it).
-    Delivered(u16),
+enum Attempt<'a> {
+    /// An answer for the client, ready to be committed.
+    Ready(Ready<'a>),
     /// The endpoint failed; its answer, if it gave one.
     Failed(Option<Buffered>),
     /// The endpoint has no `count_tokens` (it answered 404): estimate locally (rule 10).
     NoCountTokens,
+}
+
+/// An answer ready to go to the client, and what to record about it.
+struct Ready<'a> {
+    prepared: Prepared,
+    /// Time to headers, for a success to be recorded; None for a client error (rule 3:
+    /// it does not count against the endpoint's health).
+    success_after: Option<Duration>,
+    /// The attempt stays in flight while its body streams.
+    _in_flight: InFlight<'a>,
 }
 
 /// Serves one client request through the endpoints of the current generation.
@@ -103,7 +113,8 @@ pub fn forward(
             );
         }
         match attempt(state, &generation.config, endpoint, request, out) {
-            Attempt::Delivered(status) => {
+            Attempt::Ready(ready) => {
+                let status = ready.prepared.status;
                 state.note_used(endpoint.id());
                 if let Some(s) = session.as_ref().filter(|_| status < 400) {
                     let ttl = config.affinity_ttl;
@@ -112,32 +123,64 @@ pub fn forward(
                 if attempts > 1 {
                     state.counters.failovers.fetch_add(1, Ordering::Relaxed);
                 }
-                return served(state, status, attempts, Some(endpoint.id()));
+                // Counted before the client can see the answer, so stats read right after
+                // it already include it.
+                let done = served(state, status < 400, status, attempts, Some(endpoint.id()));
+                deliver(state, endpoint, ready, out);
+                return done;
             }
             Attempt::Failed(answer) => last = answer.or(last),
             Attempt::NoCountTokens => {
                 let estimate = json!({ "input_tokens": estimate_tokens(&request.body) });
+                let done = served(state, true, 200, attempts, None);
                 let _client_may_be_gone =
                     out.send(200, "application/json", estimate.to_string().as_bytes());
-                return served(state, 200, attempts, None);
+                return done;
             }
         }
     }
-    let status = match last {
+    // Every attempt failed: whatever the status, the request did not succeed.
+    match last {
         Some(answer) if !panicked => {
+            let done = served(state, false, answer.status, attempts, None);
             deliver_buffered(out, &answer);
-            answer.status
+            done
         }
         _ if panicked || attempts == 0 => {
+            let done = served(state, false, 503, attempts, None);
             send_error(out, 503, "overloaded_error", "no upstream endpoint is available");
-            503
+            done
         }
         _ => {
+            let done = served(state, false, 502, attempts, None);
             send_error(out, 502, "api_error", "no upstream endpoint answered");
-            502
+            done
         }
+    }
+}
+
+/// Commits a ready answer and records it: a body already read whole before it is written
+/// (its outcome is known), a streamed one after its end (a break mid-stream is a failure).
+fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, out: &mut ClientOut) {
+    let Ready {
+        prepared,
+        success_after,
+        _in_flight,
+    } = ready;
+    let Some(elapsed) = success_after else {
+        commit(prepared, out);
+        return;
     };
-    served(state, status, attempts, None)
+    if prepared.rest.is_none() {
+        state.record(endpoint, &Outcome::Success, elapsed);
+        commit(prepared, out);
+        return;
+    }
+    let outcome = match commit(prepared, out) {
+        Some(reason) => Outcome::Failure(reason),
+        None => Outcome::Success,
+    };
+    state.record(endpoint, &outcome, elapsed);
 }
 
 /// A request's session and the endpoint it is bound to, if that endpoint is eligible;
@@ -167,10 +210,16 @@ fn session(state: &State, generation: &Generation, request: &ClientRequest) -> O
     Some(Session { key, bound })
 }
 
-fn served(state: &State, status: u16, attempts: u32, endpoint: Option<EndpointId>) -> Served {
+fn served(
+    state: &State,
+    ok: bool,
+    status: u16,
+    attempts: u32,
+    endpoint: Option<EndpointId>,
+) -> Served {
     let counters = &state.counters;
     counters.total_requests.fetch_add(1, Ordering::Relaxed);
-    if status < 400 {
+    if ok {
         counters.successful_requests.fetch_add(1, Ordering::Relaxed);
     } else {
         counters.failed_requests.fetch_add(1, Ordering::Relaxed);
@@ -224,14 +273,14 @@ fn backoff(previous_tries: u32) -> Duration {
     Duration::from_millis((base / 2 + jitter).min(2000))
 }
 
-fn attempt(
+fn attempt<'a>(
     state: &State,
     config: &crate::config::Config,
-    endpoint: &Endpoint,
+    endpoint: &'a Endpoint,
     request: &ClientRequest,
-    out: &mut ClientOut,
-) -> Attempt {
-    let _in_flight = endpoint.begin();
+    out: &ClientOut,
+) -> Attempt<'a> {
+    let in_flight = endpoint.begin();
     let started = Instant::now();
     let response = match upstream::send(endpoint, request) {
         Ok(response) => response,
@@ -254,10 +303,11 @@ fn attempt(
             let _drained_for_reuse = buffer_error(status, &parts.headers, reader);
             Attempt::NoCountTokens
         }
-        Class::ClientError => {
-            let prepared = pass_through(status, &parts.headers, reader, request, out);
-            Attempt::Delivered(commit(prepared, out).status)
-        }
+        Class::ClientError => Attempt::Ready(Ready {
+            prepared: pass_through(status, &parts.headers, reader, request, out),
+            success_after: None,
+            _in_flight: in_flight,
+        }),
         Class::Auth => {
             let answer = buffer_error(status, &parts.headers, reader);
             let reason = format!("HTTP {status}{}: the key was refused", error_kind(&answer));
@@ -280,15 +330,11 @@ fn attempt(
                 state.record(endpoint, &Outcome::Failure(reason), elapsed);
                 Attempt::Failed(answer)
             }
-            Ok(prepared) => {
-                let end = commit(prepared, out);
-                let outcome = match end.upstream_error {
-                    Some(reason) => Outcome::Failure(reason),
-                    None => Outcome::Success,
-                };
-                state.record(endpoint, &outcome, elapsed);
-                Attempt::Delivered(status)
-            }
+            Ok(prepared) => Attempt::Ready(Ready {
+                prepared,
+                success_after: Some(elapsed),
+                _in_flight: in_flight,
+            }),
         },
     }
 }
@@ -548,25 +594,17 @@ fn first_event_is_error(buf: &[u8]) -> bool {
     })
 }
 
-/// How the body of a committed response ended.
-struct Committed {
-    status: u16,
-    /// The upstream broke off after the commit point (an endpoint failure).
-    upstream_error: Option<String>,
-}
-
-/// Writes the head and the body to the client. A client that hangs up ends the upstream
-/// read at once (the upstream connection is dropped with the reader, not pooled).
-fn commit(prepared: Prepared, out: &mut ClientOut) -> Committed {
-    let status = prepared.status;
+/// Writes the head and the body to the client; returns the upstream's failure if it broke
+/// off after the commit point (an endpoint failure). A client that hangs up ends the
+/// upstream read at once (the upstream connection is dropped with the reader, not pooled)
+/// and is nobody's failure.
+fn commit(prepared: Prepared, out: &mut ClientOut) -> Option<String> {
     let headers: Vec<(&str, &[u8])> = prepared
         .headers
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_slice()))
         .collect();
-    let Ok(mut sink) = out.start(status, &headers, prepared.framing) else {
-        return Committed { status, upstream_error: None };
-    };
+    let mut sink = out.start(prepared.status, &headers, prepared.framing).ok()?;
     // The head goes out now, with the prefix if there is one: a stream's headers must
     // not wait for its next event.
     let sent = if prepared.prefix.is_empty() {
@@ -574,14 +612,12 @@ fn commit(prepared: Prepared, out: &mut ClientOut) -> Committed {
     } else {
         sink.write_piece(&prepared.prefix)
     };
-    if sent.is_err() {
-        return Committed { status, upstream_error: None };
-    }
+    sent.ok()?;
     let end = match prepared.rest {
         Some(reader) => pump(reader, &mut sink),
         None => Pump::Done,
     };
-    let upstream_error = match end {
+    match end {
         Pump::Done => {
             let _client_may_be_gone = sink.finish();
             None
@@ -591,8 +627,7 @@ fn commit(prepared: Prepared, out: &mut ClientOut) -> Committed {
             end_broken_body(sink, prepared.sse);
             Some(reason)
         }
-    };
-    Committed { status, upstream_error }
+    }
 }
 
 enum Pump {
