@@ -19,33 +19,57 @@ const BODY: &str = r#"{"model":"claude-bench","max_tokens":64,"messages":[{"role
 fn main() {
     if let Ok(path) = std::env::var("BENCH_LOG") {
         let file = std::fs::File::create(path).expect("log file");
-        simplelog::WriteLogger::init(log::LevelFilter::Info, simplelog::Config::default(), file).expect("logger");
+        simplelog::WriteLogger::init(log::LevelFilter::Info, simplelog::Config::default(), file)
+            .expect("logger");
     }
-    let seconds: u64 = std::env::var("SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let seconds: u64 = std::env::var("SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
     let upstream = MockUpstream::start().expect("mock");
-    let workers = std::env::var("WORKERS").ok().and_then(|s| s.parse().ok()).unwrap_or(64usize);
+    let workers = std::env::var("WORKERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(64usize);
     let config = format!(
         r#"{{"listen":"127.0.0.1:0","workers":{workers},"endpoints":[{{"base_url":"{}","api_key":"sk-bench-0000000000000000"}}]}}"#,
         upstream.url()
     );
     let config = Config::from_json(&config, &Overrides::default(), &|_| None).expect("config");
     let server = Server::start(Arc::new(State::new(config).expect("state"))).expect("proxy");
-    println!("short requests ({} B body), {seconds} s per cell, proxy workers {workers}", BODY.len());
-    println!("{:>8} {:>12} {:>10} {:>10}   {:>12} {:>10} {:>10}   {:>7}", "clients", "direct rps", "p50 µs", "p99 µs", "proxy rps", "p50 µs", "p99 µs", "ratio");
+    println!(
+        "short requests ({} B body), {seconds} s per cell, proxy workers {workers}",
+        BODY.len()
+    );
+    println!(
+        "{:>8} {:>12} {:>10} {:>10}   {:>12} {:>10} {:>10}   {:>7}",
+        "clients", "direct rps", "p50 µs", "p99 µs", "proxy rps", "p50 µs", "p99 µs", "ratio"
+    );
     for clients in [1, 16, 64] {
         let direct = run(upstream.addr(), clients, Duration::from_secs(seconds));
         let proxied = run(server.addr(), clients, Duration::from_secs(seconds));
         println!(
             "{clients:>8} {:>12.0} {:>10} {:>10}   {:>12.0} {:>10} {:>10}   {:>7.2}",
-            direct.rps, direct.p50, direct.p99, proxied.rps, proxied.p50, proxied.p99,
+            direct.rps,
+            direct.p50,
+            direct.p99,
+            proxied.rps,
+            proxied.p50,
+            proxied.p99,
             proxied.rps / direct.rps
         );
     }
-    println!("upstream connections accepted: {}", upstream.connections_accepted());
+    println!(
+        "upstream connections accepted: {}",
+        upstream.connections_accepted()
+    );
     for clients in [1, 16] {
         let d = run(upstream.addr(), clients, Duration::from_secs(seconds));
         let p = run(server.addr(), clients, Duration::from_secs(seconds));
-        println!("max latency at {clients} clients: direct {} µs, proxy {} µs", d.max, p.max);
+        println!(
+            "max latency at {clients} clients: direct {} µs, proxy {} µs",
+            d.max, p.max
+        );
     }
     server.shutdown(Duration::from_secs(5));
 }
@@ -67,9 +91,17 @@ fn run(addr: SocketAddr, clients: usize, length: Duration) -> Cell {
         .collect();
     std::thread::sleep(length);
     stop.store(true, Ordering::SeqCst);
-    let mut latencies: Vec<u128> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
+    let mut latencies: Vec<u128> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
     latencies.sort_unstable();
-    let at = |q: f64| latencies.get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1))).copied().unwrap_or(0);
+    let at = |q: f64| {
+        latencies
+            .get(((latencies.len() as f64 * q) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    };
     Cell {
         rps: latencies.len() as f64 / length.as_secs_f64(),
         p50: at(0.5),

@@ -31,7 +31,12 @@ pub fn serve(
     out: &mut ClientOut,
 ) -> u16 {
     if !allowed(state, request, remote) {
-        send_error(out, 401, "authentication_error", "the admin API needs admin_token");
+        send_error(
+            out,
+            401,
+            "authentication_error",
+            "the admin API needs admin_token",
+        );
         return 401;
     }
     let (path, query) = request
@@ -47,7 +52,10 @@ pub fn serve(
         ("GET", "/logs") => logs(state, query),
         ("POST", "/queue/retry") => Answer::Json(200, reports(&recovery::round(state, true))),
         ("POST", "/queue/clear") => {
-            let ids: Vec<String> = recovery::clear(state).iter().map(|id| id.to_string()).collect();
+            let ids: Vec<String> = recovery::clear(state)
+                .iter()
+                .map(|id| id.to_string())
+                .collect();
             Answer::Json(200, json!({ "cleared": ids }))
         }
         ("POST", "/reload") => match state.reload_from_source() {
@@ -55,7 +63,11 @@ pub fn serve(
             Err(e) => Answer::Error(400, "invalid_request_error", format!("reload refused: {e}")),
         },
         ("POST", r) if r.starts_with("/endpoints/") => switch_endpoint(state, r),
-        _ => Answer::Error(404, "not_found_error", format!("no admin route {} {path}", request.method)),
+        _ => Answer::Error(
+            404,
+            "not_found_error",
+            format!("no admin route {} {path}", request.method),
+        ),
     };
     answer.send(out)
 }
@@ -97,7 +109,11 @@ fn switch_endpoint(state: &State, route: &str) -> Answer {
     };
     let generation = state.current();
     let Some(endpoint) = EndpointId::parse(id).and_then(|id| generation.endpoint(id)) else {
-        return Answer::Error(404, "not_found_error", format!("no endpoint with id {id:?}"));
+        return Answer::Error(
+            404,
+            "not_found_error",
+            format!("no endpoint with id {id:?}"),
+        );
     };
     endpoint.set_enabled(on);
     log::info!(
@@ -112,18 +128,33 @@ fn switch_endpoint(state: &State, route: &str) -> Answer {
 /// `GET /__qcc__/logs?lines=N&level=LEVEL&grep=TEXT`: the tail of `--log-file`.
 fn logs(state: &State, query: &str) -> Answer {
     let Some(path) = state.source.get().and_then(|s| s.log_file.clone()) else {
-        return Answer::Error(404, "not_found_error", "no log file: start serve with --log-file".into());
+        return Answer::Error(
+            404,
+            "not_found_error",
+            "no log file: start serve with --log-file".into(),
+        );
     };
     let params = parse_query(query);
-    let param = |name: &str| params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
-    let lines = param("lines").and_then(|n| n.parse().ok()).unwrap_or(100usize).min(10_000);
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    let lines = param("lines")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(100usize)
+        .min(10_000);
     let min_level = param("level").and_then(|l| l.parse::<log::Level>().ok());
     let grep = param("grep").unwrap_or("");
     let tail = match crate::logfile::tail(&path, lines, min_level, grep) {
         Ok(tail) => tail,
         Err(e) => return Answer::Error(500, "api_error", format!("cannot read the log file: {e}")),
     };
-    Answer::Json(200, json!({ "file": path.display().to_string(), "lines": tail }))
+    Answer::Json(
+        200,
+        json!({ "file": path.display().to_string(), "lines": tail }),
+    )
 }
 
 /// `a=1&b=x%20y` → pairs, percent-decoded (`+` is a space, as forms send it).
@@ -143,7 +174,9 @@ fn percent_decode(s: &str) -> String {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
-        let hex = bytes.get(i + 1..i + 3).and_then(|h| std::str::from_utf8(h).ok());
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok());
         match (bytes[i], hex.and_then(|h| u8::from_str_radix(h, 16).ok())) {
             (b'%', Some(b)) => {
                 out.push(b);
@@ -203,7 +236,10 @@ fn health(state: &State) -> Answer {
         .count();
     let status = if eligible > 0 { 200 } else { 503 };
     let word = if eligible > 0 { "ok" } else { "unavailable" };
-    Answer::Json(status, json!({ "status": word, "eligible_endpoints": eligible }))
+    Answer::Json(
+        status,
+        json!({ "status": word, "eligible_endpoints": eligible }),
+    )
 }
 
 /// qcc's stats, and more: see the contract's admin section for the fields.

@@ -20,7 +20,11 @@ pub const MAX_SESSIONS: usize = 10_000;
 /// `metadata.user_id` (either form Claude Code sends), else that `user_id` whole.
 pub fn session_key(request: &ClientRequest) -> Option<String> {
     for header in ["x-conversation-id", "x-claude-code-session-id"] {
-        if let Some(v) = request.header(header).map(str::trim).filter(|v| !v.is_empty()) {
+        if let Some(v) = request
+            .header(header)
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+        {
             return Some(v.to_string());
         }
     }
@@ -56,16 +60,18 @@ fn session_of_user_id(user_id: &str) -> String {
         struct Inner {
             session_id: Option<String>,
         }
-        if let Ok(Inner { session_id: Some(s) }) = serde_json::from_str(user_id) {
-            if !s.is_empty() {
-                return s;
-            }
+        if let Ok(Inner {
+            session_id: Some(s),
+        }) = serde_json::from_str(user_id)
+            && !s.is_empty()
+        {
+            return s;
         }
     }
-    if let Some((_, session)) = user_id.rsplit_once("_session_") {
-        if !session.is_empty() {
-            return session.to_string();
-        }
+    if let Some((_, session)) = user_id.rsplit_once("_session_")
+        && !session.is_empty()
+    {
+        return session.to_string();
     }
     user_id.to_string()
 }
@@ -156,17 +162,43 @@ mod tests {
         let json_user = r#"{"metadata":{"user_id":"{\"device_id\":\"ab12\",\"account_uuid\":\"\",\"session_id\":\"5f0c-uuid\"}"}}"#;
         let old_user = r#"{"metadata":{"user_id":"user_abc123_account_9d1e_session_77aa-bb"}}"#;
         let cases = [
-            (request(&[("x-conversation-id", "c1"), ("x-claude-code-session-id", "s1")], json_user), Some("c1")),
-            (request(&[("x-claude-code-session-id", "s1")], json_user), Some("s1")),
-            (request(&[], r#"{"conversation_id":"conv-9","metadata":{"user_id":"u"}}"#), Some("conv-9")),
+            (
+                request(
+                    &[
+                        ("x-conversation-id", "c1"),
+                        ("x-claude-code-session-id", "s1"),
+                    ],
+                    json_user,
+                ),
+                Some("c1"),
+            ),
+            (
+                request(&[("x-claude-code-session-id", "s1")], json_user),
+                Some("s1"),
+            ),
+            (
+                request(
+                    &[],
+                    r#"{"conversation_id":"conv-9","metadata":{"user_id":"u"}}"#,
+                ),
+                Some("conv-9"),
+            ),
             (request(&[], json_user), Some("5f0c-uuid")),
             (request(&[], old_user), Some("77aa-bb")),
-            (request(&[], r#"{"metadata":{"user_id":"plain-user"}}"#), Some("plain-user")),
+            (
+                request(&[], r#"{"metadata":{"user_id":"plain-user"}}"#),
+                Some("plain-user"),
+            ),
             (request(&[], r#"{"model":"m"}"#), None),
             (request(&[], "not json"), None),
         ];
         for (req, expected) in cases {
-            assert_eq!(session_key(&req).as_deref(), expected, "{:?}", String::from_utf8_lossy(&req.body));
+            assert_eq!(
+                session_key(&req).as_deref(),
+                expected,
+                "{:?}",
+                String::from_utf8_lossy(&req.body)
+            );
         }
     }
 
@@ -176,15 +208,26 @@ mod tests {
         let now = Instant::now();
         let ttl = Duration::from_secs(60);
         a.bind("s", EndpointId(1), ttl, now);
-        assert_eq!(a.lookup("s", ttl, now + Duration::from_secs(59)), Some(EndpointId(1)));
+        assert_eq!(
+            a.lookup("s", ttl, now + Duration::from_secs(59)),
+            Some(EndpointId(1))
+        );
         assert_eq!(a.lookup("s", ttl, now + Duration::from_secs(60)), None);
         for i in 0..MAX_SESSIONS + 500 {
-            a.bind(&format!("k{i}"), EndpointId(2), ttl, now + Duration::from_millis(i as u64));
+            a.bind(
+                &format!("k{i}"),
+                EndpointId(2),
+                ttl,
+                now + Duration::from_millis(i as u64),
+            );
         }
         assert!(a.len() <= MAX_SESSIONS);
         // The newest binding survived; the oldest went.
         let late = now + Duration::from_secs(1);
-        assert_eq!(a.lookup(&format!("k{}", MAX_SESSIONS + 499), ttl, late), Some(EndpointId(2)));
+        assert_eq!(
+            a.lookup(&format!("k{}", MAX_SESSIONS + 499), ttl, late),
+            Some(EndpointId(2))
+        );
         assert_eq!(a.lookup("k0", ttl, late), None);
     }
 }

@@ -26,7 +26,9 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the proxy until SIGINT/SIGTERM; SIGHUP reloads the config file.
-    #[command(after_help = "Example:\n  failover-proxy serve --config config.json --log-file proxy.log")]
+    #[command(
+        after_help = "Example:\n  failover-proxy serve --config config.json --log-file proxy.log"
+    )]
     Serve {
         /// The JSON config file.
         #[arg(long)]
@@ -170,7 +172,9 @@ fn reload(state: &State) {
 }
 
 fn init_logging(level: LevelFilter, file: Option<&Path>) -> Result<(), CliError> {
-    use simplelog::{ColorChoice, CombinedLogger, SharedLogger, TermLogger, TerminalMode, WriteLogger};
+    use simplelog::{
+        ColorChoice, CombinedLogger, SharedLogger, TermLogger, TerminalMode, WriteLogger,
+    };
     let config = simplelog::ConfigBuilder::new()
         .set_time_format_rfc3339()
         .set_target_level(LevelFilter::Off)
@@ -193,7 +197,9 @@ fn init_logging(level: LevelFilter, file: Option<&Path>) -> Result<(), CliError>
             .create(true)
             .append(true)
             .open(path)
-            .map_err(|e| CliError::Startup(format!("cannot open log file {}: {e}", path.display())))?;
+            .map_err(|e| {
+                CliError::Startup(format!("cannot open log file {}: {e}", path.display()))
+            })?;
         loggers.push(WriteLogger::new(level, config, f));
     }
     CombinedLogger::init(loggers).map_err(|e| CliError::Startup(format!("logging: {e}")))
@@ -259,7 +265,10 @@ fn status(url: &str) -> Result<(), CliError> {
         .timeout_global(Some(std::time::Duration::from_secs(10)))
         .build()
         .new_agent();
-    let mut response = agent.get(&stats_url).call().map_err(|e| fail(e.to_string()))?;
+    let mut response = agent
+        .get(&stats_url)
+        .call()
+        .map_err(|e| fail(e.to_string()))?;
     let body = response
         .body_mut()
         .read_to_vec()
@@ -273,8 +282,12 @@ fn status(url: &str) -> Result<(), CliError> {
 fn status_table(s: &serde_json::Value) -> String {
     let mut out = format!(
         "requests {} (ok {}, failed {}), uptime {:.0}s, healthy endpoints {}/{}, queued {}\n",
-        s["total_requests"], s["successful_requests"], s["failed_requests"],
-        s["uptime"].as_f64().unwrap_or(0.0), s["healthy_endpoints"], s["total_endpoints"],
+        s["total_requests"],
+        s["successful_requests"],
+        s["failed_requests"],
+        s["uptime"].as_f64().unwrap_or(0.0),
+        s["healthy_endpoints"],
+        s["total_endpoints"],
         s["failure_queue_size"]
     );
     out += &format!(

@@ -362,7 +362,13 @@ fn validate_endpoint(
         return Err(format!("{}: the key is empty", field("api_key")));
     }
     if let Some(proxy) = &r.proxy {
-        let known = ["http://", "https://", "socks5://", "socks5h://", "socks4://"];
+        let known = [
+            "http://",
+            "https://",
+            "socks5://",
+            "socks5h://",
+            "socks4://",
+        ];
         if !known.iter().any(|s| proxy.starts_with(s)) {
             return Err(format!(
                 "{}: {proxy:?} must be http://host:port or socks5://host:port",
@@ -424,7 +430,8 @@ mod tests {
         })
     }
 
-    const MINIMAL: &str = r#"{"endpoints":[{"base_url":"https://api.anthropic.com/","api_key":"sk-ant-1"}]}"#;
+    const MINIMAL: &str =
+        r#"{"endpoints":[{"base_url":"https://api.anthropic.com/","api_key":"sk-ant-1"}]}"#;
 
     #[test]
     fn minimal_config_gets_every_default() {
@@ -442,11 +449,17 @@ mod tests {
         assert_eq!(c.affinity_ttl, Duration::from_secs(18000));
         assert_eq!(c.probe.kind, ProbeKind::Conversation);
         assert_eq!(c.probe.model, "claude-3-5-haiku-20241022");
-        assert_eq!((c.probe.max_tokens, c.probe.path.as_str()), (20, "/v1/models"));
+        assert_eq!(
+            (c.probe.max_tokens, c.probe.path.as_str()),
+            (20, "/v1/models")
+        );
         let e = &c.endpoints[0];
         assert_eq!(e.base_url, "https://api.anthropic.com");
         assert_eq!(e.name, "api.anthropic.com");
-        assert_eq!((e.weight, e.priority, e.enabled, e.max_failures), (100, 1, true, 3));
+        assert_eq!(
+            (e.weight, e.priority, e.enabled, e.max_failures),
+            (100, 1, true, 3)
+        );
         assert_eq!(e.timeout, Duration::from_secs(600));
     }
 
@@ -479,8 +492,8 @@ mod tests {
 
     #[test]
     fn key_rules() {
-        let c = parse(r#"{"endpoints":[{"base_url":"http://a","api_key_env":"BACKUP_KEY"}]}"#)
-            .unwrap();
+        let c =
+            parse(r#"{"endpoints":[{"base_url":"http://a","api_key_env":"BACKUP_KEY"}]}"#).unwrap();
         assert_eq!(c.endpoints[0].api_key.expose(), "sk-from-env-0123456789");
         let err =
             parse(r#"{"endpoints":[{"base_url":"http://a","api_key_env":"NOPE"}]}"#).unwrap_err();
@@ -490,8 +503,10 @@ mod tests {
         );
         let err = parse(r#"{"endpoints":[{"base_url":"http://a"}]}"#).unwrap_err();
         assert!(err.starts_with("endpoints[0]: missing api_key"), "{err}");
-        let err = parse(r#"{"endpoints":[{"base_url":"http://a","api_key":"k","api_key_env":"BACKUP_KEY"}]}"#)
-            .unwrap_err();
+        let err = parse(
+            r#"{"endpoints":[{"base_url":"http://a","api_key":"k","api_key_env":"BACKUP_KEY"}]}"#,
+        )
+        .unwrap_err();
         assert!(err.contains("not both"), "{err}");
     }
 
@@ -499,13 +514,34 @@ mod tests {
     fn invalid_values_name_their_field() {
         let cases = [
             (r#"{"endpoints":[]}"#, "endpoints: at least one"),
-            (r#"{"endpoints":[{"base_url":"ftp://a","api_key":"k"}]}"#, "endpoints[0].base_url"),
-            (r#"{"endpoints":[{"base_url":"http://a","api_key":"k","weight":0}]}"#, "endpoints[0].weight"),
-            (r#"{"endpoints":[{"base_url":"http://a","api_key":"k","timeout":-1}]}"#, "endpoints[0].timeout"),
-            (r#"{"max_attempts":0,"endpoints":[{"base_url":"http://a","api_key":"k"}]}"#, "max_attempts:"),
-            (r#"{"strategy":"fastest","endpoints":[{"base_url":"http://a","api_key":"k"}]}"#, "unknown variant `fastest`"),
-            (r#"{"listen":"0.0.0.0:7860","endpoints":[{"base_url":"http://a","api_key":"k"}]}"#, "access_tokens is empty"),
-            (r#"{"endpoints":[{"base_url":"http://a","api_key":"k"},{"base_url":"http://a/","api_key":"k"}]}"#, "endpoints[1]: same base_url"),
+            (
+                r#"{"endpoints":[{"base_url":"ftp://a","api_key":"k"}]}"#,
+                "endpoints[0].base_url",
+            ),
+            (
+                r#"{"endpoints":[{"base_url":"http://a","api_key":"k","weight":0}]}"#,
+                "endpoints[0].weight",
+            ),
+            (
+                r#"{"endpoints":[{"base_url":"http://a","api_key":"k","timeout":-1}]}"#,
+                "endpoints[0].timeout",
+            ),
+            (
+                r#"{"max_attempts":0,"endpoints":[{"base_url":"http://a","api_key":"k"}]}"#,
+                "max_attempts:",
+            ),
+            (
+                r#"{"strategy":"fastest","endpoints":[{"base_url":"http://a","api_key":"k"}]}"#,
+                "unknown variant `fastest`",
+            ),
+            (
+                r#"{"listen":"0.0.0.0:7860","endpoints":[{"base_url":"http://a","api_key":"k"}]}"#,
+                "access_tokens is empty",
+            ),
+            (
+                r#"{"endpoints":[{"base_url":"http://a","api_key":"k"},{"base_url":"http://a/","api_key":"k"}]}"#,
+                "endpoints[1]: same base_url",
+            ),
         ];
         for (text, expected) in cases {
             let err = parse(text).unwrap_err();
@@ -515,8 +551,10 @@ mod tests {
 
     #[test]
     fn errors_never_contain_the_key() {
-        let err = parse(r#"{"endpoints":[{"base_url":"http://a","api_key":"sk-secret-key-999","wieght":1}]}"#)
-            .unwrap_err();
+        let err = parse(
+            r#"{"endpoints":[{"base_url":"http://a","api_key":"sk-secret-key-999","wieght":1}]}"#,
+        )
+        .unwrap_err();
         assert!(!err.contains("sk-secret-key-999"), "{err}");
     }
 

@@ -37,7 +37,8 @@ pub fn run() -> Result<(), String> {
     let start = Instant::now();
     let events = install_event_printer(start);
     let mock = |name: &str, fault: Fault| {
-        MockUpstream::start_named(name, fault).map_err(|e| format!("cannot start a mock upstream: {e}"))
+        MockUpstream::start_named(name, fault)
+            .map_err(|e| format!("cannot start a mock upstream: {e}"))
     };
     let flaky = mock("flaky", Fault::None)?;
     let dead = mock("dead", Fault::Reset)?;
@@ -46,8 +47,16 @@ pub fn run() -> Result<(), String> {
     let server = Server::start(state.clone())?;
     let url = format!("http://{}", server.addr());
     println!("failover-proxy demo: proxy on {url}, three mock upstreams on loopback");
-    println!("  flaky  (priority 1) {}  healthy now, fails at {}s, heals at {}s", flaky.url(), FLAKY_FAILS_AT.as_secs(), FLAKY_HEALS_AT.as_secs());
-    println!("  dead   (priority 1) {}  resets every connection", dead.url());
+    println!(
+        "  flaky  (priority 1) {}  healthy now, fails at {}s, heals at {}s",
+        flaky.url(),
+        FLAKY_FAILS_AT.as_secs(),
+        FLAKY_HEALS_AT.as_secs()
+    );
+    println!(
+        "  dead   (priority 1) {}  resets every connection",
+        dead.url()
+    );
     println!("  healthy(priority 2) {}  the backup", healthy.url());
     println!();
     let tally = Arc::new(Tally::default());
@@ -66,11 +75,17 @@ pub fn run() -> Result<(), String> {
         if !flaky_failing && t >= FLAKY_FAILS_AT && t < FLAKY_HEALS_AT {
             flaky.set_fault(Fault::Status(529));
             flaky_failing = true;
-            events.lock().push(format!("{:>5.1}s  [demo] flaky starts answering 529 overloaded", t.as_secs_f64()));
+            events.lock().push(format!(
+                "{:>5.1}s  [demo] flaky starts answering 529 overloaded",
+                t.as_secs_f64()
+            ));
         } else if flaky_failing && t >= FLAKY_HEALS_AT {
             flaky.set_fault(Fault::None);
             flaky_failing = false;
-            events.lock().push(format!("{:>5.1}s  [demo] flaky is healthy again (the proxy does not know yet)", t.as_secs_f64()));
+            events.lock().push(format!(
+                "{:>5.1}s  [demo] flaky is healthy again (the proxy does not know yet)",
+                t.as_secs_f64()
+            ));
         }
         show(&state, &events, &tally, t, live);
     }
@@ -82,7 +97,11 @@ pub fn run() -> Result<(), String> {
     summary(&state, &tally)
 }
 
-fn demo_config(flaky: &MockUpstream, dead: &MockUpstream, healthy: &MockUpstream) -> Result<Config, String> {
+fn demo_config(
+    flaky: &MockUpstream,
+    dead: &MockUpstream,
+    healthy: &MockUpstream,
+) -> Result<Config, String> {
     let config = json!({
         "listen": "127.0.0.1:0",
         "workers": 8,
@@ -124,7 +143,8 @@ fn client_loop(i: usize, url: &str, tally: &Tally, done: &AtomicBool) {
             .ok()
             .and_then(|mut r| {
                 let complete = r.body_mut().read_to_vec().ok()?;
-                let good = r.status() == 200 && !(stream && String::from_utf8_lossy(&complete).contains("event: error"));
+                let good = r.status() == 200
+                    && !(stream && String::from_utf8_lossy(&complete).contains("event: error"));
                 Some(good)
             })
             .unwrap_or(false);
@@ -152,7 +172,13 @@ impl log::Log for EventPrinter {
     }
     fn log(&self, record: &log::Record) {
         let text = record.args().to_string();
-        let wanted = ["entered the failure queue", "recovered", "cools down", "still failing", "no endpoint is eligible"];
+        let wanted = [
+            "entered the failure queue",
+            "recovered",
+            "cools down",
+            "still failing",
+            "no endpoint is eligible",
+        ];
         if wanted.iter().any(|w| text.contains(w)) {
             let t = self.start.elapsed().as_secs_f64();
             self.lines.lock().push(format!("{t:>5.1}s  {text}"));
@@ -163,7 +189,10 @@ impl log::Log for EventPrinter {
 
 fn install_event_printer(start: Instant) -> Arc<Mutex<Vec<String>>> {
     let lines = Arc::new(Mutex::new(Vec::new()));
-    let printer = EventPrinter { start, lines: lines.clone() };
+    let printer = EventPrinter {
+        start,
+        lines: lines.clone(),
+    };
     if log::set_boxed_logger(Box::new(printer)).is_ok() {
         log::set_max_level(log::LevelFilter::Info);
     }
@@ -206,7 +235,13 @@ fn states(state: &State) -> Vec<(String, &'static str, u64, u64, u64)> {
             } else {
                 h.status.as_str()
             };
-            (e.name().to_string(), word, h.total_requests, h.failed_requests, e.probes())
+            (
+                e.name().to_string(),
+                word,
+                h.total_requests,
+                h.failed_requests,
+                e.probes(),
+            )
         })
         .collect()
 }
@@ -223,7 +258,10 @@ fn headline(state: &State, tally: &Tally, t: Duration) -> String {
 
 fn table(state: &State, tally: &Tally, t: Duration) -> String {
     let mut screen = headline(state, tally, t) + "\n";
-    screen += &format!("  {:<8} {:<10} {:>9} {:>8} {:>7}\n", "endpoint", "state", "attempts", "failed", "probes");
+    screen += &format!(
+        "  {:<8} {:<10} {:>9} {:>8} {:>7}\n",
+        "endpoint", "state", "attempts", "failed", "probes"
+    );
     for (name, word, attempts, failed, probes) in states(state) {
         screen += &format!("  {name:<8} {word:<10} {attempts:>9} {failed:>8} {probes:>7}\n");
     }
@@ -233,7 +271,9 @@ fn table(state: &State, tally: &Tally, t: Duration) -> String {
 fn one_line(state: &State, tally: &Tally, t: Duration) -> String {
     let endpoints: Vec<String> = states(state)
         .into_iter()
-        .map(|(name, word, attempts, failed, _)| format!("{name} {word} {attempts}/{failed} failed"))
+        .map(|(name, word, attempts, failed, _)| {
+            format!("{name} {word} {attempts}/{failed} failed")
+        })
         .collect();
     format!("{}  |  {}", headline(state, tally, t), endpoints.join(", "))
 }
@@ -246,11 +286,24 @@ fn summary(state: &State, tally: &Tally) -> Result<(), String> {
         let _ = write!(stdout, "\x1b[J");
     }
     let _ = writeln!(stdout, "\nsummary");
-    let _ = writeln!(stdout, "  requests answered      {} ({} streamed)", tally.answered.load(Ordering::Relaxed), tally.streams.load(Ordering::Relaxed));
-    let _ = writeln!(stdout, "  failovers              {}", state.counters.failovers.load(Ordering::Relaxed));
+    let _ = writeln!(
+        stdout,
+        "  requests answered      {} ({} streamed)",
+        tally.answered.load(Ordering::Relaxed),
+        tally.streams.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        stdout,
+        "  failovers              {}",
+        state.counters.failovers.load(Ordering::Relaxed)
+    );
     let _ = writeln!(stdout, "  quarantines            {}", queue.total_failed);
     let _ = writeln!(stdout, "  recoveries             {}", queue.total_recovered);
-    let _ = writeln!(stdout, "  probes still failing   {}", queue.total_still_failed);
+    let _ = writeln!(
+        stdout,
+        "  probes still failing   {}",
+        queue.total_still_failed
+    );
     let _ = writeln!(stdout, "  client-visible errors  {errors}");
     if errors > 0 {
         return Err(format!("{errors} client request(s) saw an error"));

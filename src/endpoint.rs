@@ -7,7 +7,7 @@
 
 use crate::config::EndpointConfig;
 use crate::health::{HealthStatus, Outcome, Verdict};
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -21,7 +21,9 @@ pub struct EndpointId(pub u32);
 impl EndpointId {
     pub fn derive(base_url: &str, api_key: &str) -> EndpointId {
         let digest = Sha256::digest(format!("{base_url}|{api_key}").as_bytes());
-        EndpointId(u32::from_be_bytes([digest[0], digest[1], digest[2], digest[3]]))
+        EndpointId(u32::from_be_bytes([
+            digest[0], digest[1], digest[2], digest[3],
+        ]))
     }
 
     pub fn parse(text: &str) -> Option<EndpointId> {

@@ -6,7 +6,7 @@
 //! done after the lock is released.
 
 use crate::endpoint::EndpointId;
-use parking_lot::Mutex;
+use crate::sync::Mutex;
 use std::collections::HashSet;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -38,7 +38,7 @@ impl FailureQueue {
         added
     }
 
-    /// Takes the endpoint out without a probe (operator's clear, disable); true if it was in.
+    /// Takes the endpoint out without a probe (operator's clear, reload); true if it was in.
     pub fn remove(&self, id: EndpointId) -> bool {
         self.inner.lock().0.remove(&id)
     }
@@ -48,10 +48,14 @@ impl FailureQueue {
     }
 
     /// Counts one probe result; a recovered endpoint leaves the queue in the same scope.
-    /// Returns true if this call removed it (a concurrent clear may have done so first).
+    /// Returns true if this call removed it. A probe of an endpoint that is no longer
+    /// queued (an operator's clear came first) is not counted at all.
     pub fn record_probe(&self, id: EndpointId, recovered: bool) -> bool {
         let mut guard = self.inner.lock();
         let (set, stats) = &mut *guard;
+        if !set.contains(&id) {
+            return false;
+        }
         stats.total_verified += 1;
         if recovered {
             stats.total_recovered += 1;
@@ -99,7 +103,14 @@ mod tests {
         assert!(q.record_probe(EndpointId(1), true));
         let (ids, stats) = q.snapshot();
         assert_eq!(ids, vec![EndpointId(2)]);
-        assert_eq!((stats.total_verified, stats.total_recovered, stats.total_still_failed), (2, 1, 1));
+        assert_eq!(
+            (
+                stats.total_verified,
+                stats.total_recovered,
+                stats.total_still_failed
+            ),
+            (2, 1, 1)
+        );
     }
 
     /// 64 threads add and remove the same 4 ids 10,000 times each: every successful add is

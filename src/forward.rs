@@ -12,10 +12,10 @@ use crate::health::Outcome;
 use crate::http_out::{BodySink, ClientOut, Framing, error_body};
 use crate::state::{Generation, State};
 use crate::upstream::{self, Class, ClientRequest, HOP_BY_HOP};
+use serde_json::json;
 use std::io::Read;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use serde_json::json;
 use ureq::http::{self, HeaderMap};
 
 /// Non-streaming bodies up to this size are read whole before the commit point, so a
@@ -87,7 +87,10 @@ pub fn forward(
     let session = session(state, generation, request);
     while attempts < config.max_attempts && !panicked {
         let now = Instant::now();
-        let bound = session.as_ref().and_then(|s| s.bound).filter(|_| attempts == 0);
+        let bound = session
+            .as_ref()
+            .and_then(|s| s.bound)
+            .filter(|_| attempts == 0);
         let index = match bound.or_else(|| next_endpoint(state, generation, &tries, now)) {
             Some(index) => index,
             None if attempts == 0 => match panic_endpoint(generation) {
@@ -118,7 +121,9 @@ pub fn forward(
                 state.note_used(endpoint.id());
                 if let Some(s) = session.as_ref().filter(|_| status < 400) {
                     let ttl = config.affinity_ttl;
-                    state.affinity.bind(&s.key, endpoint.id(), ttl, Instant::now());
+                    state
+                        .affinity
+                        .bind(&s.key, endpoint.id(), ttl, Instant::now());
                 }
                 if attempts > 1 {
                     state.counters.failovers.fetch_add(1, Ordering::Relaxed);
@@ -148,7 +153,12 @@ pub fn forward(
         }
         _ if panicked || attempts == 0 => {
             let done = served(state, false, 503, attempts, None);
-            send_error(out, 503, "overloaded_error", "no upstream endpoint is available");
+            send_error(
+                out,
+                503,
+                "overloaded_error",
+                "no upstream endpoint is available",
+            );
             done
         }
         _ => {
@@ -359,7 +369,10 @@ fn estimate_tokens(body: &[u8]) -> u64 {
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(body) else {
         return (body.len() as u64).div_ceil(4);
     };
-    let total: usize = ["system", "messages", "tools"].iter().map(|f| chars(&value[*f])).sum();
+    let total: usize = ["system", "messages", "tools"]
+        .iter()
+        .map(|f| chars(&value[*f]))
+        .sum();
     (total as u64).div_ceil(4).max(1)
 }
 
@@ -404,7 +417,12 @@ fn soft_error_type(body: &[u8]) -> Option<String> {
         .and_then(|e| e.get("type"))
         .and_then(|t| t.as_str())
         .unwrap_or("error");
-    Some(kind.chars().filter(|c| c.is_ascii_graphic()).take(64).collect())
+    Some(
+        kind.chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect(),
+    )
 }
 
 /// The upstream's headers as the client gets them: hop-by-hop and framing headers out
@@ -528,7 +546,10 @@ fn prepare_success(
                 headers: client_headers(headers),
                 body,
             };
-            return Err((format!("HTTP {status} with an error inside ({kind})"), Some(answer)));
+            return Err((
+                format!("HTTP {status} with an error inside ({kind})"),
+                Some(answer),
+            ));
         }
         let mut prepared = pass_through(status, headers, reader, request, out);
         prepared.prefix = body;
@@ -604,7 +625,9 @@ fn commit(prepared: Prepared, out: &mut ClientOut) -> Option<String> {
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_slice()))
         .collect();
-    let mut sink = out.start(prepared.status, &headers, prepared.framing).ok()?;
+    let mut sink = out
+        .start(prepared.status, &headers, prepared.framing)
+        .ok()?;
     // The head goes out now, with the prefix if there is one: a stream's headers must
     // not wait for its next event.
     let sent = if prepared.prefix.is_empty() {
@@ -674,10 +697,10 @@ fn deliver_buffered(out: &mut ClientOut, answer: &Buffered) {
         .map(|(n, v)| (n.as_str(), v.as_slice()))
         .collect();
     let framing = Framing::Length(answer.body.len() as u64);
-    if let Ok(mut sink) = out.start(answer.status, &headers, framing) {
-        if sink.write_piece(&answer.body).is_ok() {
-            let _client_may_be_gone = sink.finish();
-        }
+    if let Ok(mut sink) = out.start(answer.status, &headers, framing)
+        && sink.write_piece(&answer.body).is_ok()
+    {
+        let _client_may_be_gone = sink.finish();
     }
 }
 
@@ -693,7 +716,9 @@ mod tests {
     #[test]
     fn recognises_soft_errors_and_error_events() {
         assert_eq!(
-            soft_error_type(br#" {"type":"error","error":{"type":"overloaded_error","message":"x"}}"#),
+            soft_error_type(
+                br#" {"type":"error","error":{"type":"overloaded_error","message":"x"}}"#
+            ),
             Some("overloaded_error".into())
         );
         assert_eq!(soft_error_type(br#"{"type":"message","content":[]}"#), None);
@@ -732,7 +757,10 @@ mod tests {
             let d = backoff(tries);
             let base = 100u64 << (tries - 1).min(4);
             assert!(d >= Duration::from_millis(base / 2), "{tries}: {d:?}");
-            assert!(d <= Duration::from_millis((base * 3 / 2).min(2000)), "{tries}: {d:?}");
+            assert!(
+                d <= Duration::from_millis((base * 3 / 2).min(2000)),
+                "{tries}: {d:?}"
+            );
         }
     }
 }

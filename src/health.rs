@@ -91,7 +91,8 @@ impl HealthStatus {
         now: Instant,
     ) -> Verdict {
         let n = self.total_requests as f64;
-        self.avg_response_time = (self.avg_response_time * n + elapsed.as_secs_f64() * 1e3) / (n + 1.0);
+        self.avg_response_time =
+            (self.avg_response_time * n + elapsed.as_secs_f64() * 1e3) / (n + 1.0);
         self.total_requests += 1;
         self.last_check = Some(SystemTime::now());
         match outcome {
@@ -188,7 +189,10 @@ mod tests {
         let now = Instant::now();
         let mut h = HealthStatus::default();
         let until = now + Duration::from_secs(2);
-        let limited = Outcome::RateLimited { until, reason: "429".into() };
+        let limited = Outcome::RateLimited {
+            until,
+            reason: "429".into(),
+        };
         for _ in 0..10 {
             assert_eq!(h.record(&limited, Duration::ZERO, 3, now), Verdict::Keep);
         }
@@ -198,6 +202,9 @@ mod tests {
         let auth = Outcome::AuthFailure("401".into());
         assert_eq!(h.record(&auth, Duration::ZERO, 3, now), Verdict::Quarantine);
         h.reset_to_healthy();
-        assert_eq!((h.status, h.cooldown_until, h.out_since), (Status::Healthy, None, None));
+        assert_eq!(
+            (h.status, h.cooldown_until, h.out_since),
+            (Status::Healthy, None, None)
+        );
     }
 }

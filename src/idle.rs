@@ -40,7 +40,9 @@ pub struct IdleTransport<T> {
 
 impl<T: fmt::Debug> fmt::Debug for IdleTransport<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdleTransport").field("inner", &self.inner).finish()
+        f.debug_struct("IdleTransport")
+            .field("inner", &self.inner)
+            .finish()
     }
 }
 

@@ -3,6 +3,10 @@
 //! `conversation` is qcc's check: a tiny real conversation whose answer must contain a
 //! fresh random code, so a relay that answers 200 with canned or cached text does not pass.
 //! `http` is a plain `GET base_url + path`, passed on any 2xx.
+//!
+//! A result's detail starts with where a failure lies, in the words `check --probe` shows
+//! a user: `connect:`, `TLS:`, `outbound proxy:` (from `upstream::describe_error`),
+//! `auth:` (401/403: the key), or `probe:` (the endpoint answered, but not as it should).
 
 use crate::config::{Probe, ProbeKind};
 use crate::endpoint::Endpoint;
@@ -65,7 +69,7 @@ fn conversation(endpoint: &Endpoint, probe: &Probe) -> ProbeResult {
         .body(body)
     {
         Ok(req) => req,
-        Err(e) => return failed(format!("cannot build the probe request: {e}")),
+        Err(e) => return failed(format!("probe: cannot build the request: {e}")),
     };
     let agent = &endpoint.agent;
     let req = agent
@@ -79,20 +83,41 @@ fn conversation(endpoint: &Endpoint, probe: &Probe) -> ProbeResult {
     };
     let status = response.status().as_u16();
     if status != 200 {
-        return failed(format!("answered HTTP {status}"));
+        return refused("POST /v1/messages", status);
     }
-    let text = match response.body_mut().with_config().limit(1 << 20).read_to_vec() {
+    let text = match response
+        .body_mut()
+        .with_config()
+        .limit(1 << 20)
+        .read_to_vec()
+    {
         Ok(bytes) => answer_text(&bytes),
-        Err(e) => return failed(format!("the answer broke off: {e}")),
+        Err(e) => return failed(format!("probe: the answer broke off: {e}")),
     };
     if text.contains(&code) {
         ProbeResult {
             recovered: true,
-            detail: "answered with the code".into(),
+            detail: "answered 200 with the code".into(),
         }
     } else {
-        failed("answered 200 without the code".into())
+        failed("probe: answered 200 without the code".into())
     }
+}
+
+/// A status that fails the probe, with what it means for the endpoint.
+fn refused(request: &str, status: u16) -> ProbeResult {
+    use crate::upstream::Class;
+    let meaning = match crate::upstream::classify(status) {
+        Class::Auth => {
+            return failed(format!(
+                "auth: {request} answered HTTP {status}: the key was refused"
+            ));
+        }
+        Class::RateLimited => ": rate limited",
+        Class::Failure => ": the endpoint is failing",
+        Class::ClientError | Class::Success => "",
+    };
+    failed(format!("probe: {request} answered HTTP {status}{meaning}"))
 }
 
 /// The concatenated `text` of the answer's content blocks.
@@ -115,7 +140,7 @@ fn answer_text(body: &[u8]) -> String {
 fn http_get(endpoint: &Endpoint, path: &str) -> ProbeResult {
     let req = match request(endpoint, "GET", path).body(()) {
         Ok(req) => req,
-        Err(e) => return failed(format!("cannot build the probe request: {e}")),
+        Err(e) => return failed(format!("probe: cannot build the request: {e}")),
     };
     let agent = &endpoint.agent;
     let req = agent
@@ -131,7 +156,7 @@ fn http_get(endpoint: &Endpoint, path: &str) -> ProbeResult {
                 detail: format!("GET {path} answered HTTP {}", r.status().as_u16()),
             }
         }
-        Ok(r) => failed(format!("GET {path} answered HTTP {}", r.status().as_u16())),
+        Ok(r) => refused(&format!("GET {path}"), r.status().as_u16()),
         Err(e) => failed(crate::upstream::describe_error(&e)),
     }
 }
@@ -151,7 +176,10 @@ mod tests {
     fn codes_are_six_of_a_z_0_9_and_fresh() {
         let a = fresh_code();
         assert_eq!(a.len(), 6);
-        assert!(a.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit()));
+        assert!(
+            a.bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+        );
         assert_ne!(a, fresh_code());
     }
 

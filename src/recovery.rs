@@ -10,19 +10,83 @@
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::probe::{self, ProbeResult};
 use crate::state::State;
+use crate::sync::Mutex;
 use crossbeam_channel::{Receiver, Sender, select, tick};
 use log::{info, warn};
-use parking_lot::Mutex;
 use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// When each queued endpoint may next be probed, and how long it waits after a failure.
+/// When each queued endpoint may next be probed, how long it waits after a failure, and
+/// whether a round is probing it right now.
 #[derive(Default)]
 pub struct Schedule {
-    due: Mutex<HashMap<EndpointId, (Instant, Duration)>>,
+    entries: Mutex<HashMap<EndpointId, Entry>>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    next_at: Instant,
+    wait: Duration,
+    /// Claimed by a round: two rounds (the recovery thread's and an operator's retry)
+    /// never probe one endpoint at once, so a recovery is counted once.
+    probing: bool,
+}
+
+impl Schedule {
+    /// Claims the endpoints of `queued` that are due (all with `force`) and that no other
+    /// round is probing; forgets endpoints no longer queued. `slack` absorbs a tick that
+    /// comes a little early.
+    pub fn claim_due(
+        &self,
+        queued: &[EndpointId],
+        now: Instant,
+        first_wait: Duration,
+        slack: Duration,
+        force: bool,
+    ) -> Vec<EndpointId> {
+        let mut entries = self.entries.lock();
+        entries.retain(|id, e| e.probing || queued.contains(id));
+        let mut claimed = Vec::new();
+        for &id in queued {
+            let entry = entries.entry(id).or_insert(Entry {
+                next_at: now,
+                wait: first_wait,
+                probing: false,
+            });
+            if !entry.probing && (force || entry.next_at <= now + slack) {
+                entry.probing = true;
+                claimed.push(id);
+            }
+        }
+        claimed
+    }
+
+    /// Ends a claim: a recovered endpoint is forgotten; a failing one waits twice as long
+    /// as last time, up to `max`. Returns that wait.
+    pub fn release(&self, id: EndpointId, recovered: bool, max: Duration) -> Duration {
+        let mut entries = self.entries.lock();
+        if recovered {
+            entries.remove(&id);
+            return Duration::ZERO;
+        }
+        let now = Instant::now();
+        let entry = entries.entry(id).or_insert(Entry {
+            next_at: now,
+            wait: max,
+            probing: false,
+        });
+        entry.wait = (entry.wait * 2).min(max);
+        entry.next_at = now + entry.wait;
+        entry.probing = false;
+        entry.wait
+    }
+
+    pub fn forget(&self, id: EndpointId) {
+        self.entries.lock().remove(&id);
+    }
 }
 
 /// One probe's report, for logs, the admin API and `check --probe`.
@@ -38,27 +102,31 @@ pub struct Report {
 pub fn round(state: &State, force: bool) -> Vec<Report> {
     let generation = state.current();
     let config = &generation.config;
-    let now = Instant::now();
     let (queued, _) = state.queue.snapshot();
-    // A tick may come a little early; a probe due within a tenth of the interval is due.
+    // A disabled endpoint stays queued but costs no probes until it is enabled again.
+    let probed: Vec<EndpointId> = queued
+        .into_iter()
+        .filter(|id| generation.endpoint(*id).is_some_and(|e| e.is_enabled()))
+        .collect();
     let slack = config.recovery_interval / 10;
-    let due: Vec<Arc<Endpoint>> = {
-        let mut schedule = state.schedule.due.lock();
-        schedule.retain(|id, _| queued.contains(id));
-        // A disabled endpoint stays queued but costs no probes until it is enabled again.
-        queued
-            .iter()
-            .filter_map(|id| generation.endpoint(*id))
-            .filter(|e| e.is_enabled())
-            .filter(|e| {
-                let (at, _) = *schedule
-                    .entry(e.id())
-                    .or_insert((now, config.recovery_interval));
-                force || at <= now + slack
-            })
-            .cloned()
-            .collect()
-    };
+    let claimed = state.schedule.claim_due(
+        &probed,
+        Instant::now(),
+        config.recovery_interval,
+        slack,
+        force,
+    );
+    // Claimed after the snapshot: another round may have brought one back in between.
+    let due: Vec<Arc<Endpoint>> = claimed
+        .into_iter()
+        .filter_map(|id| {
+            let still_queued = state.queue.contains(id);
+            if !still_queued {
+                state.schedule.forget(id);
+            }
+            generation.endpoint(id).filter(|_| still_queued).cloned()
+        })
+        .collect();
     if due.is_empty() {
         return Vec::new();
     }
@@ -72,9 +140,14 @@ pub fn round(state: &State, force: bool) -> Vec<Report> {
         .collect()
 }
 
+/// Applies one claimed probe's result: a recovered endpoint gets its health reset, then
+/// leaves the queue (in that order, so it is never in service with stale failures); a
+/// failing one waits longer. A probe of an endpoint an operator cleared meanwhile counts
+/// for nothing.
 fn apply(state: &State, endpoint: &Endpoint, result: ProbeResult) -> Report {
     let id = endpoint.id();
     endpoint.count_probe();
+    let max = state.current().config.recovery_max_interval;
     if result.recovered {
         endpoint.reset_to_healthy();
         if state.queue.record_probe(id, true) {
@@ -84,17 +157,10 @@ fn apply(state: &State, endpoint: &Endpoint, result: ProbeResult) -> Report {
                 result.detail
             );
         }
-        state.schedule.due.lock().remove(&id);
+        state.schedule.release(id, true, max);
     } else {
         state.queue.record_probe(id, false);
-        let max = state.current().config.recovery_max_interval;
-        let wait = {
-            let mut schedule = state.schedule.due.lock();
-            let entry = schedule.entry(id).or_insert((Instant::now(), max));
-            entry.1 = (entry.1 * 2).min(max);
-            entry.0 = Instant::now() + entry.1;
-            entry.1
-        };
+        let wait = state.schedule.release(id, false, max);
         warn!(
             "endpoint {} ({id}) is still failing: {}; next probe in {:.1}s",
             endpoint.name(),
@@ -118,10 +184,13 @@ pub fn clear(state: &State) -> Vec<EndpointId> {
             e.reset_to_healthy();
         }
         state.queue.remove(*id);
-        state.schedule.due.lock().remove(id);
+        state.schedule.forget(*id);
     }
     if !queued.is_empty() {
-        info!("failure queue cleared by the operator: {} endpoint(s) back", queued.len());
+        info!(
+            "failure queue cleared by the operator: {} endpoint(s) back",
+            queued.len()
+        );
     }
     queued
 }

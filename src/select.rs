@@ -83,13 +83,21 @@ mod tests {
     use super::*;
 
     fn cand(index: usize, priority: u32, weight: u32) -> Candidate {
-        Candidate { index, priority, weight, in_flight: 0 }
+        Candidate {
+            index,
+            priority,
+            weight,
+            in_flight: 0,
+        }
     }
 
     #[test]
     fn priority_failover_takes_the_first_of_the_best_tier() {
         let s = Selector::new(Strategy::PriorityFailover, 3);
-        assert_eq!(s.pick(&[cand(0, 2, 1), cand(1, 1, 1), cand(2, 1, 1)]), Some(1));
+        assert_eq!(
+            s.pick(&[cand(0, 2, 1), cand(1, 1, 1), cand(2, 1, 1)]),
+            Some(1)
+        );
         assert_eq!(s.pick(&[]), None);
     }
 
@@ -100,11 +108,7 @@ mod tests {
         let picks: Vec<usize> = (0..400).map(|_| s.pick(&c).unwrap()).collect();
         assert_eq!(picks[..4], [0, 0, 1, 0]);
         assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 300);
-        let longest_run = picks
-            .split(|&i| i == 1)
-            .map(|run| run.len())
-            .max()
-            .unwrap();
+        let longest_run = picks.split(|&i| i == 1).map(|run| run.len()).max().unwrap();
         assert!(longest_run <= 3);
     }
 
@@ -115,8 +119,14 @@ mod tests {
         let picks: Vec<usize> = (0..4).map(|_| s.pick(&c).unwrap()).collect();
         assert_eq!(picks, [0, 1, 0, 1]);
         let s = Selector::new(Strategy::LeastConnections, 2);
-        let busy = Candidate { in_flight: 3, ..cand(0, 1, 1) };
-        let idle = Candidate { in_flight: 1, ..cand(1, 1, 1) };
+        let busy = Candidate {
+            in_flight: 3,
+            ..cand(0, 1, 1)
+        };
+        let idle = Candidate {
+            in_flight: 1,
+            ..cand(1, 1, 1)
+        };
         assert_eq!(s.pick(&[busy, idle]), Some(1));
     }
 }

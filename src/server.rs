@@ -15,9 +15,9 @@ use crate::state::State;
 use crate::upstream::ClientRequest;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, error, info, warn};
-use std::panic::AssertUnwindSafe;
 use std::io::Read;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -135,12 +135,7 @@ impl Server {
     }
 }
 
-fn worker_loop(
-    http: &tiny_http::Server,
-    state: &State,
-    stopping: &AtomicBool,
-    ids: &AtomicU64,
-) {
+fn worker_loop(http: &tiny_http::Server, state: &State, stopping: &AtomicBool, ids: &AtomicU64) {
     loop {
         match http.recv() {
             Ok(request) => serve_guarded(state, request, ids),
@@ -222,7 +217,9 @@ fn parse_request(
     let bad = |message: String| (400, "invalid_request_error", message);
     let target = request.url().to_string();
     if !target.starts_with('/') {
-        return Err(bad(format!("the request target must be a path, got {target:?}")));
+        return Err(bad(format!(
+            "the request target must be a path, got {target:?}"
+        )));
     }
     let method = Method::from_bytes(request.method().as_str().as_bytes())
         .map_err(|_| bad("the request method is not valid".into()))?;
@@ -262,7 +259,13 @@ fn read_body(request: &mut tiny_http::Request, max: usize) -> Result<Vec<u8>, Re
         .as_reader()
         .take(max as u64 + 1)
         .read_to_end(&mut body)
-        .map_err(|e| (400, "invalid_request_error", format!("cannot read the request body: {e}")))?;
+        .map_err(|e| {
+            (
+                400,
+                "invalid_request_error",
+                format!("cannot read the request body: {e}"),
+            )
+        })?;
     if body.len() > max {
         return Err(too_large());
     }

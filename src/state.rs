@@ -7,19 +7,19 @@
 //! behind an `RwLock<Arc<_>>` that a request reads once, so a reload never blocks traffic.
 
 use crate::affinity::Affinity;
+use crate::agent;
 use crate::config::{Config, Overrides};
-use crate::metrics::Histogram;
-use std::path::PathBuf;
-use std::sync::OnceLock;
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::failure_queue::FailureQueue;
 use crate::health::{Outcome, Verdict};
+use crate::metrics::Histogram;
 use crate::recovery::Schedule;
 use crate::select::{Candidate, Selector};
-use crate::upstream;
 use log::{debug, info, warn};
 use parking_lot::RwLock;
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -121,8 +121,8 @@ impl State {
             .source
             .get()
             .ok_or("this proxy was not started from a config file")?;
-        let config = Config::load(&source.config_path, &source.overrides)
-            .map_err(|e| e.to_string())?;
+        let config =
+            Config::load(&source.config_path, &source.overrides).map_err(|e| e.to_string())?;
         self.reload(config)
     }
 
@@ -133,7 +133,9 @@ impl State {
         match outcome {
             Outcome::Success => {}
             Outcome::RateLimited { until, reason } => {
-                let secs = until.saturating_duration_since(Instant::now()).as_secs_f64();
+                let secs = until
+                    .saturating_duration_since(Instant::now())
+                    .as_secs_f64();
                 info!(
                     "endpoint {} ({}) cools down for {secs:.1}s: {reason}",
                     endpoint.name(),
@@ -173,9 +175,7 @@ impl State {
 
     /// Eligible for normal traffic: enabled, not queued, not cooling down.
     pub fn is_eligible(&self, endpoint: &Endpoint, now: Instant) -> bool {
-        endpoint.is_enabled()
-            && !self.queue.contains(endpoint.id())
-            && !endpoint.is_cooling(now)
+        endpoint.is_enabled() && !self.queue.contains(endpoint.id()) && !endpoint.is_cooling(now)
     }
 
     /// The eligible endpoints of a generation, as selection candidates.
@@ -207,16 +207,16 @@ impl State {
 /// Builds a generation; an endpoint whose id is in `keep` is reused as it is, with its
 /// health and counters (a reload must not forget what it knows of an unchanged endpoint).
 pub fn build_generation(config: Config, keep: &[Arc<Endpoint>]) -> Result<Generation, String> {
-    let shared = upstream::shared_agent(&config);
+    let shared = agent::shared_agent(&config);
     let mut endpoints = Vec::with_capacity(config.endpoints.len());
     for ec in &config.endpoints {
         let old = keep.iter().find(|e| e.id() == ec.id);
         let endpoint = match old {
             Some(e) if e.config == *ec => e.clone(),
-            Some(e) => Arc::new(e.successor(ec.clone(), upstream::agent_for(&config, ec, &shared)?)),
+            Some(e) => Arc::new(e.successor(ec.clone(), agent::agent_for(&config, ec, &shared)?)),
             None => Arc::new(Endpoint::new(
                 ec.clone(),
-                upstream::agent_for(&config, ec, &shared)?,
+                agent::agent_for(&config, ec, &shared)?,
             )),
         };
         endpoints.push(endpoint);

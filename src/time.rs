@@ -25,7 +25,15 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let mp = (5 * doy + 2) / 153;
     let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
     let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (if m <= 2 { yoe + era * 400 + 1 } else { yoe + era * 400 }, m, d)
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
 }
 
 /// `2026-11-25T17:43:22.123Z`, the form stats and logs show.
@@ -44,7 +52,9 @@ pub fn iso8601(t: SystemTime) -> String {
 }
 
 pub fn unix_seconds(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs_f64()
+    t.duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs_f64()
 }
 
 fn from_parts(y: i64, mo: u32, d: u32, h: u64, mi: u64, s: u64) -> Option<SystemTime> {
@@ -143,13 +153,19 @@ mod tests {
         let t = UNIX_EPOCH + Duration::from_millis(1_445_412_480_250);
         assert_eq!(iso8601(t), "2015-10-21T07:28:00.250Z");
         let whole = UNIX_EPOCH + Duration::from_secs(1_445_412_480);
-        assert_eq!(parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT"), Some(whole));
+        assert_eq!(
+            parse_http_date("Wed, 21 Oct 2015 07:28:00 GMT"),
+            Some(whole)
+        );
         assert_eq!(parse_rfc3339("2015-10-21T07:28:00Z"), Some(whole));
         assert_eq!(parse_rfc3339("2015-10-21T07:28:00.5Z"), Some(whole));
         assert_eq!(parse_rfc3339("2015-10-21T09:28:00+02:00"), Some(whole));
         assert_eq!(parse_rfc3339("2015-10-21"), None);
         assert_eq!(parse_http_date("soon"), None);
-        assert_eq!(iso8601(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+        assert_eq!(
+            iso8601(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
     }
 
     #[test]

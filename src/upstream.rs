@@ -1,18 +1,10 @@
-//! Talking to upstreams: the ureq agents, the request as the upstream sees it (rewritten
-//! headers, the endpoint's key), and the classification of what came back.
-//!
-//! Agents are configured for a proxy, not a browser: no redirects followed, 4xx/5xx
-//! returned as responses, no automatic `user-agent`, `accept` or `accept-encoding` (the
-//! client's own headers pass through; the proxy never asks for an encoding the client did
-//! not), no decompression. One agent (one connection pool) is shared by every endpoint that
-//! needs no TLS or proxy settings of its own.
+//! Talking to upstreams: the request as the upstream sees it (rewritten headers, the
+//! endpoint's key), one attempt, and the classification of what came back. The agents
+//! that make the connections are `agent`'s.
 
-use crate::config::{Config, EndpointConfig};
 use crate::endpoint::Endpoint;
-use crate::idle::IdleConnector;
 use std::time::{Duration, Instant, SystemTime};
 use ureq::http::{self, HeaderMap, HeaderName, HeaderValue};
-use ureq::tls::{Certificate, RootCerts, TlsConfig};
 
 /// Headers that belong to one connection, never forwarded in either direction (RFC 9110
 /// 7.6.1), plus `proxy-connection`, which old clients still send.
@@ -47,100 +39,6 @@ impl ClientRequest {
             .find(|(n, _)| n.as_str() == name)
             .and_then(|(_, v)| v.to_str().ok())
     }
-}
-
-fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
-    ureq::Agent::config_builder()
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .user_agent("")
-        .accept("")
-        .accept_encoding("")
-        .allow_non_standard_methods(true)
-        .timeout_connect(Some(config.connect_timeout))
-        // Not a deadline: it only makes ureq label body reads `RecvBody`, which is how
-        // `idle::IdleTransport` knows to apply `idle_timeout` to them.
-        .timeout_recv_body(Some(NO_BODY_DEADLINE))
-        // Every worker may hold one connection to the same upstream; a smaller pool would
-        // close connections that are needed again a moment later.
-        .max_idle_connections(4 * config.workers.max(64))
-        .max_idle_connections_per_host(config.workers.max(64))
-        .tls_config(TlsConfig::builder().root_certs(RootCerts::PlatformVerifier).build())
-}
-
-/// Ten years: long enough never to cut a stream.
-const NO_BODY_DEADLINE: Duration = Duration::from_secs(10 * 365 * 86_400);
-
-/// The agent shared by every endpoint without `ca_file` or `proxy`; environment proxy
-/// variables apply to it, as they do in curl.
-pub fn shared_agent(config: &Config) -> ureq::Agent {
-    new_agent(base_config(config).build(), config)
-}
-
-/// Every upstream connection ends in `IdleConnector`, which bounds each body read.
-fn new_agent(agent_config: ureq::config::Config, config: &Config) -> ureq::Agent {
-    use ureq::unversioned::{resolver::DefaultResolver, transport::{Connector, DefaultConnector}};
-    let connector = DefaultConnector::new().chain(IdleConnector {
-        idle: config.idle_timeout,
-    });
-    ureq::Agent::with_parts(agent_config, connector, DefaultResolver::default())
-}
-
-/// The agent for one endpoint: the shared one, or its own when it has a CA file or an
-/// outbound proxy (those change how connections are made, so they cannot share a pool).
-pub fn agent_for(
-    config: &Config,
-    endpoint: &EndpointConfig,
-    shared: &ureq::Agent,
-) -> Result<ureq::Agent, String> {
-    if endpoint.ca_file.is_none() && endpoint.proxy.is_none() {
-        return Ok(shared.clone());
-    }
-    let mut builder = base_config(config);
-    if let Some(path) = &endpoint.ca_file {
-        builder = builder.tls_config(
-            TlsConfig::builder()
-                .root_certs(root_certs_with(path)?)
-                .build(),
-        );
-    }
-    if let Some(url) = &endpoint.proxy {
-        let proxy = ureq::Proxy::new(url)
-            .map_err(|e| format!("endpoint {}: proxy {url:?}: {e}", endpoint.name))?;
-        builder = builder.proxy(Some(proxy));
-    }
-    Ok(new_agent(builder.build(), config))
-}
-
-/// The operating system's trust store (the PEM bundle OpenSSL would use) plus the
-/// endpoint's own CA file.
-fn root_certs_with(ca_file: &std::path::Path) -> Result<RootCerts, String> {
-    let mut certs = Vec::new();
-    let system = std::env::var("SSL_CERT_FILE")
-        .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".to_string());
-    if let Ok(pem) = std::fs::read(&system) {
-        certs.extend(pem_certs(&pem));
-    }
-    let pem = std::fs::read(ca_file)
-        .map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
-    let own = pem_certs(&pem);
-    if own.is_empty() {
-        return Err(format!(
-            "ca_file {}: no PEM certificate in it",
-            ca_file.display()
-        ));
-    }
-    certs.extend(own);
-    Ok(RootCerts::new_with_certs(&certs))
-}
-
-fn pem_certs(pem: &[u8]) -> Vec<Certificate<'static>> {
-    ureq::tls::parse_pem(pem)
-        .filter_map(|item| match item {
-            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
-            _ => None,
-        })
-        .collect()
 }
 
 /// The headers the upstream gets: the client's, less hop-by-hop ones, `host` (ureq sets
@@ -280,21 +178,152 @@ pub fn cooldown_until(headers: &HeaderMap, default: Duration, now: Instant) -> I
     now + wait.min(MAX_COOLDOWN)
 }
 
-/// A plain-words reason for a failed call, for logs and `last_error` (never holds a key:
-/// ureq's errors name hosts and phases, not headers).
+/// A plain-words reason for a failed call, for logs, `last_error` and `check --probe`
+/// (never holds a key: ureq's errors name hosts and phases, not headers). It starts with
+/// where the call failed: `connect:`, `TLS:`, `outbound proxy:`, or what broke after.
 pub fn describe_error(e: &ureq::Error) -> String {
     match e {
-        ureq::Error::Timeout(phase) => format!("timed out ({phase})"),
-        ureq::Error::ConnectionFailed => "connection failed".to_string(),
-        ureq::Error::HostNotFound => "host not found".to_string(),
-        ureq::Error::Io(io) => format!("i/o error: {io}"),
+        ureq::Error::Timeout(phase) => describe_timeout(*phase),
+        ureq::Error::HostNotFound => "connect: DNS found no such host".to_string(),
+        ureq::Error::ConnectionFailed => "connect: connection failed".to_string(),
+        ureq::Error::Io(io) => describe_io(io),
+        ureq::Error::Rustls(tls) => describe_tls(&tls.to_string()),
+        ureq::Error::Tls(text) => format!("TLS: {text}"),
+        ureq::Error::ConnectProxyFailed(text) => format!("outbound proxy: CONNECT failed: {text}"),
+        ureq::Error::Protocol(p) => format!("the upstream's answer is not valid HTTP/1.1: {p}"),
         other => other.to_string(),
+    }
+}
+
+fn describe_timeout(phase: ureq::Timeout) -> String {
+    match phase {
+        ureq::Timeout::Resolve => "connect: DNS lookup timed out".to_string(),
+        ureq::Timeout::Connect => {
+            "connect: timed out (connect_timeout), TLS handshake and proxy included".to_string()
+        }
+        ureq::Timeout::RecvResponse => {
+            "timed out waiting for the response headers (the endpoint's timeout)".to_string()
+        }
+        ureq::Timeout::RecvBody => "the body stalled for longer than idle_timeout".to_string(),
+        other => format!("timed out ({other})"),
+    }
+}
+
+fn describe_io(io: &std::io::Error) -> String {
+    use std::io::ErrorKind as Kind;
+    if let Some(tls) = rustls_error_in(io) {
+        return describe_error(&tls);
+    }
+    // std's words for a failed getaddrinfo; its error kind is not nameable on stable.
+    if io
+        .to_string()
+        .starts_with("failed to lookup address information")
+    {
+        return format!("connect: DNS lookup failed ({io})");
+    }
+    match io.kind() {
+        Kind::ConnectionRefused => {
+            "connect: connection refused (nothing listens there)".to_string()
+        }
+        Kind::TimedOut => "connect: timed out".to_string(),
+        Kind::HostUnreachable | Kind::NetworkUnreachable => format!("connect: {io}"),
+        Kind::ConnectionReset
+        | Kind::ConnectionAborted
+        | Kind::BrokenPipe
+        | Kind::UnexpectedEof => {
+            format!("the upstream closed the connection ({io})")
+        }
+        _ => format!("i/o error: {io}"),
+    }
+}
+
+/// The TLS error inside an I/O error (ureq reports a failed handshake that way), found by
+/// its type. `ureq::Error::Rustls` names that type, so no rustls dependency is needed.
+fn rustls_error_in(io: &std::io::Error) -> Option<ureq::Error> {
+    fn downcast<T: std::error::Error + Clone + 'static>(
+        wrap: fn(T) -> ureq::Error,
+        inner: &(dyn std::error::Error + Send + Sync + 'static),
+    ) -> Option<ureq::Error> {
+        inner.downcast_ref::<T>().cloned().map(wrap)
+    }
+    downcast(ureq::Error::Rustls, io.get_ref()?)
+}
+
+/// rustls's own words, prefixed by what they mean for a user. rustls is not a direct
+/// dependency, so its error is read by its message (stable within rustls 0.23).
+fn describe_tls(text: &str) -> String {
+    const MEANINGS: [(&str, &str); 4] = [
+        (
+            "UnknownIssuer",
+            "the upstream's certificate is signed by an unknown CA; \
+             for a private CA, put its PEM in the endpoint's ca_file",
+        ),
+        (
+            "invalid peer certificate",
+            "the upstream's certificate was refused",
+        ),
+        (
+            "corrupt message",
+            "the upstream did not answer in TLS (is it http://?)",
+        ),
+        (
+            "received fatal alert",
+            "the upstream refused the TLS handshake",
+        ),
+    ];
+    match MEANINGS.iter().find(|(needle, _)| text.contains(needle)) {
+        Some((_, meaning)) => format!("TLS: {meaning} ({text})"),
+        None => format!("TLS: {text}"),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn errors_are_described_by_where_they_happened() {
+        use std::io::{Error as Io, ErrorKind};
+        let cases = [
+            (
+                ureq::Error::Io(ErrorKind::ConnectionRefused.into()),
+                "connect: connection refused",
+            ),
+            (ureq::Error::HostNotFound, "connect: DNS"),
+            (
+                ureq::Error::Timeout(ureq::Timeout::Connect),
+                "connect: timed out",
+            ),
+            (
+                ureq::Error::Timeout(ureq::Timeout::RecvResponse),
+                "timed out waiting",
+            ),
+            (
+                ureq::Error::Timeout(ureq::Timeout::RecvBody),
+                "idle_timeout",
+            ),
+            (
+                ureq::Error::Io(ErrorKind::UnexpectedEof.into()),
+                "closed the connection",
+            ),
+            (
+                ureq::Error::ConnectProxyFailed("403".into()),
+                "outbound proxy: ",
+            ),
+            (
+                ureq::Error::Io(Io::other("failed to lookup address information: x")),
+                "connect: DNS",
+            ),
+        ];
+        for (error, words) in cases {
+            let text = describe_error(&error);
+            assert!(text.contains(words), "{error:?}: {text}");
+        }
+        assert!(describe_tls("invalid peer certificate: UnknownIssuer").contains("ca_file"));
+        assert!(
+            describe_tls("received corrupt message of type InvalidContentType").contains("http://")
+        );
+    }
 
     #[test]
     fn status_classes_follow_rule_3() {
@@ -318,15 +347,30 @@ mod tests {
         let mut h = HeaderMap::new();
         assert_eq!(cooldown_until(&h, default, now), now + default);
         h.insert("retry-after", HeaderValue::from_static("2"));
-        assert_eq!(cooldown_until(&h, default, now), now + Duration::from_secs(2));
-        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(
+            cooldown_until(&h, default, now),
+            now + Duration::from_secs(2)
+        );
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(cooldown_until(&h, default, now), now);
         let mut h = HeaderMap::new();
         let soon = crate::time::iso8601(SystemTime::now() + Duration::from_secs(120));
         let later = crate::time::iso8601(SystemTime::now() + Duration::from_secs(600));
-        h.insert("anthropic-ratelimit-tokens-reset", HeaderValue::from_str(&later).unwrap());
-        h.insert("anthropic-ratelimit-requests-reset", HeaderValue::from_str(&soon).unwrap());
+        h.insert(
+            "anthropic-ratelimit-tokens-reset",
+            HeaderValue::from_str(&later).unwrap(),
+        );
+        h.insert(
+            "anthropic-ratelimit-requests-reset",
+            HeaderValue::from_str(&soon).unwrap(),
+        );
         let wait = cooldown_until(&h, default, now) - now;
-        assert!(wait > Duration::from_secs(110) && wait <= Duration::from_secs(120), "{wait:?}");
+        assert!(
+            wait > Duration::from_secs(110) && wait <= Duration::from_secs(120),
+            "{wait:?}"
+        );
     }
 }

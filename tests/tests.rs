@@ -2,5 +2,18 @@
 
 mod support;
 
+mod balancing;
+mod check_probe;
+mod concurrency;
+mod config_check;
+mod failover;
 mod forwarding;
+mod import;
 mod mock_upstream;
+mod observability;
+mod outbound_proxy;
+mod passthrough;
+mod recovery;
+mod streaming;
+mod stress;
+mod tls;

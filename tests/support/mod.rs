@@ -3,6 +3,9 @@
 
 #![allow(dead_code)]
 
+pub mod raw;
+pub mod tls;
+
 use failover_proxy::config::{Config, Overrides};
 use failover_proxy::mock::{Fault, MockUpstream};
 use failover_proxy::server::Server;
@@ -24,7 +27,9 @@ impl log::Log for Capture {
         true
     }
     fn log(&self, record: &log::Record) {
-        LINES.lock().push(format!("{} {}", record.level(), record.args()));
+        LINES
+            .lock()
+            .push(format!("{} {}", record.level(), record.args()));
     }
     fn flush(&self) {}
 }
@@ -116,7 +121,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         if let Some(server) = self.server.take() {
-            server.shutdown();
+            server.shutdown(Duration::from_secs(10));
         }
     }
 }
@@ -145,7 +150,9 @@ pub fn post_message(url: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
 }
 
 pub fn post(url: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> (u16, Vec<u8>) {
-    let mut req = agent().post(format!("{url}{path}")).header("content-type", "application/json");
+    let mut req = agent()
+        .post(format!("{url}{path}"))
+        .header("content-type", "application/json");
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
@@ -163,4 +170,101 @@ pub fn get(url: &str) -> (u16, Vec<u8>) {
 
 pub fn mock(fault: Fault) -> MockUpstream {
     MockUpstream::start_with(fault).expect("mock upstream")
+}
+
+/// A response as the client saw it, every header kept (names lower-case).
+pub struct Answer {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let found = self.headers.iter().find(|(n, _)| n == name);
+        found.map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.text()))
+    }
+}
+
+/// POST /v1/messages through `client` (one agent keeps its connection to the proxy alive).
+pub fn send_message(client: &ureq::Agent, url: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = client
+        .post(format!("{url}/v1/messages"))
+        .header("content-type", "application/json");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let mut resp = req.send(message_body()).expect("request");
+    let headers = resp
+        .headers()
+        .iter()
+        .map(|(n, v)| (n.as_str().to_string(), v.to_str().unwrap_or("").to_string()))
+        .collect();
+    let body = resp.body_mut().read_to_vec().expect("body");
+    Answer {
+        status: resp.status().as_u16(),
+        headers,
+        body,
+    }
+}
+
+/// Endpoint `i` as `Proxy::start` names it (name "ep<i>", key `key(i)`), plus `settings`;
+/// for configs whose endpoints are not all mocks, or need settings of their own.
+pub fn endpoint_json(i: usize, base_url: &str, settings: Value) -> Value {
+    let mut endpoint = json!({"name": format!("ep{i}"), "base_url": base_url, "api_key": key(i)});
+    for (k, v) in settings.as_object().expect("settings must be an object") {
+        endpoint[k] = v.clone();
+    }
+    endpoint
+}
+
+/// A loopback URL whose port refuses connections: bound to learn a free port, then released.
+pub fn refused_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("local addr");
+    drop(listener);
+    format!("http://{addr}")
+}
+
+/// How many log lines there are so far: a mark for `log_lines_since`, so a count is not
+/// disturbed by lines an earlier test logged for an endpoint with the same id.
+pub fn log_mark() -> usize {
+    LINES.lock().len()
+}
+
+/// Log lines after `mark` containing every one of `needles`.
+pub fn log_lines_since(mark: usize, needles: &[&str]) -> Vec<String> {
+    let lines = LINES.lock();
+    let found = lines
+        .iter()
+        .skip(mark)
+        .filter(|l| needles.iter().all(|n| l.contains(n)));
+    found.cloned().collect()
+}
+
+/// Polls `done` every 10 ms until it holds; fails after five seconds (a safety net, not a
+/// claim about time). `what` names the condition in the failure message.
+pub fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A number unique within this test process, for temp file names.
+pub fn unique() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }

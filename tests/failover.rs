@@ -1,0 +1,266 @@
+//! Failover through the real proxy over loopback: a broken primary in front of a healthy
+//! secondary, the 401 and 429 rules, and what the client gets when every attempt failed.
+
+use crate::support::*;
+use failover_proxy::mock::{Fault, MockUpstream};
+use serde_json::{Value, json};
+use std::time::{Duration, Instant};
+
+/// Keeps the recovery thread from probing a quarantined endpoint during a test (its first
+/// tick comes one interval after start), so every upstream request counted is the proxy's.
+const NO_RECOVERY: f64 = 600.0;
+
+fn named(name: &str, fault: Fault) -> MockUpstream {
+    MockUpstream::start_named(name, fault).expect("mock upstream")
+}
+
+/// A proxy whose primary (ep0) is `primary_url` with `settings`, and whose secondary (ep1)
+/// is the healthy mock `secondary`.
+fn proxy_with_primary(primary_url: &str, settings: Value, secondary: &MockUpstream) -> Proxy {
+    let endpoints = [
+        endpoint_json(0, primary_url, settings),
+        endpoint_json(1, &secondary.url(), json!({})),
+    ];
+    Proxy::start(
+        &[],
+        json!({"endpoints": endpoints, "recovery_interval": NO_RECOVERY}),
+    )
+}
+
+/// Sends 100 sequential client requests on one kept-alive connection, as Claude Code does,
+/// and asserts every one is a 200 from the secondary; returns the proxy, for the caller's
+/// checks on the primary, and how long each request took.
+fn hundred_requests_all_answered_by_the_secondary(
+    primary_url: &str,
+    settings: Value,
+) -> (Proxy, Vec<Duration>) {
+    let secondary = named("secondary", Fault::None);
+    let proxy = proxy_with_primary(primary_url, settings, &secondary);
+    let client = agent();
+    let mut took = Vec::new();
+    for n in 0..100 {
+        let started = Instant::now();
+        let answer = send_message(&client, &proxy.url, &[]);
+        took.push(started.elapsed());
+        assert_eq!(answer.status, 200, "request {n}: {}", answer.text());
+        assert_eq!(
+            answer.header("x-mock-upstream"),
+            Some("secondary"),
+            "request {n}"
+        );
+        if n < 4 {
+            let primary_attempts = &proxy.endpoint_stats(0)["health_status"]["total_requests"];
+            assert_eq!(*primary_attempts, (n + 1).min(3), "after request {n}");
+        }
+    }
+    assert_eq!(secondary.requests(), 100);
+    (proxy, took)
+}
+
+/// The primary got exactly 3 attempts, all failures, and sits in the failure queue.
+///
+/// Why 3: with max_failures = 3 (the default) and priority_failover, each of the first three
+/// client requests tries the primary first; it fails, and the loop then prefers the endpoint
+/// this request has tried least, the untried secondary, which answers. So the primary gets
+/// one attempt per request (max_attempts_per_endpoint = 2 is never reached; the 100-request
+/// loop checks the count after each of the first requests), its third consecutive failure
+/// quarantines it, and requests 4 to 100 never reach it.
+fn assert_primary_quarantined_after_three_attempts(proxy: &Proxy) {
+    let health = &proxy.endpoint_stats(0)["health_status"];
+    assert_eq!(health["total_requests"], 3, "{health}");
+    assert_eq!(health["failed_requests"], 3, "{health}");
+    assert_eq!(health["consecutive_failures"], 3, "{health}");
+    let stats = proxy.stats();
+    assert_eq!(stats["failed_endpoints"], json!([proxy.id(0)]));
+    assert_eq!(stats["failure_queue_stats"]["total_failed"], 1);
+}
+
+fn primary_fault_fails_over_to_the_secondary(fault: Fault) {
+    let primary = named("primary", fault);
+    let (proxy, _) = hundred_requests_all_answered_by_the_secondary(&primary.url(), json!({}));
+    assert_eq!(primary.requests(), 3);
+    assert_primary_quarantined_after_three_attempts(&proxy);
+}
+
+#[test]
+fn primary_500_fails_over_and_100_requests_get_200_from_the_secondary() {
+    primary_fault_fails_over_to_the_secondary(Fault::Status(500));
+}
+
+#[test]
+fn primary_529_fails_over_and_100_requests_get_200_from_the_secondary() {
+    primary_fault_fails_over_to_the_secondary(Fault::Status(529));
+}
+
+#[test]
+fn primary_connection_refused_fails_over_and_100_requests_get_200_from_the_secondary() {
+    let (proxy, _) = hundred_requests_all_answered_by_the_secondary(&refused_url(), json!({}));
+    assert_primary_quarantined_after_three_attempts(&proxy);
+}
+
+#[test]
+fn primary_hanging_past_its_timeout_fails_over_and_100_requests_get_200_from_the_secondary() {
+    let primary = named("primary", Fault::Hang);
+    let settings = json!({"timeout": 0.5});
+    let (proxy, took) = hundred_requests_all_answered_by_the_secondary(&primary.url(), settings);
+    assert_eq!(primary.requests(), 3);
+    assert_primary_quarantined_after_three_attempts(&proxy);
+    // The first three waited out the primary's 0.5 s before failing over. (No upper bound
+    // here: the client's 30 s timeout catches a proxy that ignores `timeout`.)
+    for (n, t) in took[..3].iter().enumerate() {
+        assert!(*t >= Duration::from_millis(500), "request {n} took {t:?}");
+    }
+    let health = &proxy.endpoint_stats(0)["health_status"];
+    let last_error = health["last_error"].as_str().unwrap_or_default();
+    assert!(last_error.contains("timed out"), "{health}");
+}
+
+#[test]
+fn a_401_puts_the_endpoint_in_the_failure_queue_after_one_request() {
+    let primary = named("primary", Fault::Status(401));
+    let secondary = named("secondary", Fault::None);
+    let proxy = proxy_with_primary(&primary.url(), json!({}), &secondary);
+    let mark = log_mark();
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("x-mock-upstream"), Some("secondary"));
+    let stats = proxy.stats();
+    assert_eq!(stats["failed_endpoints"], json!([proxy.id(0)]));
+    assert_eq!(stats["failure_queue_stats"]["total_failed"], 1);
+    let queued = log_lines_since(mark, &["entered the failure queue", &proxy.id(0)]);
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    // Quarantined: the next request does not touch it.
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.header("x-mock-upstream"), Some("secondary"));
+    assert_eq!((primary.requests(), secondary.requests()), (1, 2));
+}
+
+#[test]
+fn a_429_with_retry_after_2_skips_the_endpoint_for_2_seconds_then_uses_it_again() {
+    let limited = Fault::RateLimited {
+        retry_after: Some("2".into()),
+    };
+    let primary = named("primary", limited);
+    let secondary = named("secondary", Fault::None);
+    let proxy = proxy_with_primary(&primary.url(), json!({}), &secondary);
+    let sent = Instant::now();
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    let answered = Instant::now();
+    assert_eq!(answer.header("x-mock-upstream"), Some("secondary"));
+    assert_eq!(primary.requests(), 1);
+    // The cooldown began after `sent` and before `answered`, so it lasts at least until
+    // sent + 2 s and ends by answered + 2 s. Requests stop 0.5 s short of its end, a margin
+    // for a busy machine.
+    assert!(proxy.endpoint_stats(0)["cooldown_until"].is_string());
+    let mut during = 0;
+    while sent.elapsed() < Duration::from_millis(1500) {
+        let answer = send_message(&agent(), &proxy.url, &[]);
+        assert_eq!(answer.header("x-mock-upstream"), Some("secondary"));
+        during += 1;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(during >= 5, "only {during} requests in the cooldown window");
+    assert_eq!(
+        primary.requests(),
+        1,
+        "the primary was used while cooling down"
+    );
+    let stats = proxy.stats();
+    assert_eq!(
+        stats["failed_endpoints"],
+        json!([]),
+        "a 429 must not queue the endpoint"
+    );
+    std::thread::sleep(
+        (answered + Duration::from_millis(2200)).saturating_duration_since(Instant::now()),
+    );
+    primary.set_fault(Fault::None);
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("x-mock-upstream"), Some("primary"));
+    assert_eq!(primary.requests(), 2);
+}
+
+/// Two endpoints that fail on every attempt but stay eligible (max_failures far away).
+fn two_failing_endpoints(first: &str, second: &str) -> Proxy {
+    let eligible = json!({"max_failures": 1000});
+    let endpoints = [
+        endpoint_json(0, first, eligible.clone()),
+        endpoint_json(1, second, eligible),
+    ];
+    Proxy::start(
+        &[],
+        json!({"endpoints": endpoints, "recovery_interval": NO_RECOVERY}),
+    )
+}
+
+#[test]
+fn when_every_attempt_fails_the_client_gets_the_last_upstream_response() {
+    let first = named("first", Fault::Status(500));
+    let second = named("second", Fault::Status(503));
+    let proxy = two_failing_endpoints(&first.url(), &second.url());
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    // Attempts: first, second, first again, second again (max_attempts_per_endpoint = 2);
+    // the last one is the second's 503, passed on with its own body and headers.
+    assert_eq!((first.requests(), second.requests()), (2, 2));
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert_eq!(answer.header("x-mock-upstream"), Some("second"));
+    let expected =
+        json!({"type": "error", "error": {"type": "api_error", "message": "mock fault"}});
+    assert_eq!(answer.json(), expected);
+}
+
+/// `{"type":"error","error":{"type":<kind>,"message":<text>}}` and nothing else; returns the kind.
+fn assert_anthropic_error_shape(answer: &Answer) -> String {
+    let body = answer.json();
+    let object = body.as_object().expect("an object");
+    assert_eq!(object.len(), 2, "{body}");
+    assert_eq!(body["type"], "error", "{body}");
+    let error = body["error"].as_object().expect("error is an object");
+    assert_eq!(error.len(), 2, "{body}");
+    assert!(
+        error["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
+    error["type"]
+        .as_str()
+        .expect("error.type is a string")
+        .to_string()
+}
+
+#[test]
+fn when_no_upstream_answers_at_all_the_client_gets_502_in_anthropic_error_shape() {
+    let resets = named("resets", Fault::Reset);
+    let proxy = two_failing_endpoints(&refused_url(), &resets.url());
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.status, 502, "{}", answer.text());
+    assert_eq!(answer.header("content-type"), Some("application/json"));
+    assert_eq!(assert_anthropic_error_shape(&answer), "api_error");
+    // Every attempt was made: 2 per endpoint.
+    assert_eq!(resets.requests(), 2);
+    assert_eq!(
+        proxy.endpoint_stats(0)["health_status"]["total_requests"],
+        2
+    );
+}
+
+#[test]
+fn with_every_endpoint_quarantined_one_attempt_goes_to_the_earliest_queued_then_503() {
+    let first = named("first", Fault::Status(500));
+    let second = named("second", Fault::Status(500));
+    let once = json!({"max_failures": 1});
+    let endpoints = [
+        endpoint_json(0, &first.url(), once.clone()),
+        endpoint_json(1, &second.url(), once),
+    ];
+    let config = json!({"endpoints": endpoints, "recovery_interval": NO_RECOVERY});
+    let proxy = Proxy::start(&[], config);
+    // First request: first fails (queued), second fails (queued): the last response.
+    assert_eq!(send_message(&agent(), &proxy.url, &[]).status, 500);
+    assert_eq!((first.requests(), second.requests()), (1, 1));
+    // Nothing is eligible: one attempt on the endpoint queued earliest, then 503.
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.status, 503, "{}", answer.text());
+    assert_eq!(assert_anthropic_error_shape(&answer), "overloaded_error");
+    assert_eq!((first.requests(), second.requests()), (2, 1));
+}
