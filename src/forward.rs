@@ -404,25 +404,24 @@ fn error_kind(answer: &Buffered) -> String {
 
 /// The `error.type` of a body in Anthropic's error shape.
 fn soft_error_type(body: &[u8]) -> Option<String> {
-    let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
-    if body[start] != b'{' {
+    /// Only the two fields looked at: serde skips the rest of a large message without
+    /// building it (a `Value` of every 2xx body showed up in profiles).
+    #[derive(serde::Deserialize)]
+    struct Top {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        error: Option<serde_json::Value>,
+    }
+    if !body.trim_ascii_start().starts_with(b"{") {
         return None;
     }
-    let value: serde_json::Value = serde_json::from_slice(body).ok()?;
-    if value.get("type")?.as_str()? != "error" {
+    let top: Top = serde_json::from_slice(body).ok()?;
+    if top.kind.as_deref() != Some("error") {
         return None;
     }
-    let kind = value
-        .get("error")
-        .and_then(|e| e.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("error");
-    Some(
-        kind.chars()
-            .filter(|c| c.is_ascii_graphic())
-            .take(64)
-            .collect(),
-    )
+    let error = top.error.unwrap_or_default();
+    let kind = error["type"].as_str().unwrap_or("error");
+    Some(kind.chars().filter(|c| c.is_ascii_graphic()).take(64).collect())
 }
 
 /// The upstream's headers as the client gets them: hop-by-hop and framing headers out
