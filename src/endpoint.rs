@@ -11,7 +11,7 @@ use crate::sync::Mutex;
 use sha2::{Digest, Sha256};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// The first 8 hex digits of SHA-256 of `base_url|api_key`, as in qcc: the id survives a
 /// restart, a reload and a migration from qcc, yet reveals nothing of the key.
@@ -88,9 +88,11 @@ impl Endpoint {
     /// Records one attempt in a single lock scope.
     pub fn record(&self, outcome: &Outcome, elapsed: Duration) -> Verdict {
         let max_failures = self.config.max_failures;
+        // Clocks are read before the lock: they were most of its hold time.
+        let (now, wall) = (Instant::now(), SystemTime::now());
         self.health
             .lock()
-            .record(outcome, elapsed, max_failures, Instant::now())
+            .record(outcome, elapsed, max_failures, now, wall)
     }
 
     pub fn reset_to_healthy(&self) {

@@ -421,7 +421,12 @@ fn soft_error_type(body: &[u8]) -> Option<String> {
     }
     let error = top.error.unwrap_or_default();
     let kind = error["type"].as_str().unwrap_or("error");
-    Some(kind.chars().filter(|c| c.is_ascii_graphic()).take(64).collect())
+    Some(
+        kind.chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect(),
+    )
 }
 
 /// The upstream's headers as the client gets them: hop-by-hop and framing headers out

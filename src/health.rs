@@ -89,12 +89,13 @@ impl HealthStatus {
         elapsed: Duration,
         max_failures: u32,
         now: Instant,
+        wall: SystemTime,
     ) -> Verdict {
         let n = self.total_requests as f64;
         self.avg_response_time =
             (self.avg_response_time * n + elapsed.as_secs_f64() * 1e3) / (n + 1.0);
         self.total_requests += 1;
-        self.last_check = Some(SystemTime::now());
+        self.last_check = Some(wall);
         match outcome {
             Outcome::Success => {
                 self.status = Status::Healthy;
@@ -171,13 +172,28 @@ mod tests {
         let mut h = HealthStatus::default();
         let now = Instant::now();
         let ms = Duration::from_millis(10);
-        assert_eq!(h.record(&failure(), ms, 3, now), Verdict::Keep);
+        assert_eq!(
+            h.record(&failure(), ms, 3, now, SystemTime::now()),
+            Verdict::Keep
+        );
         assert_eq!(h.status, Status::Degraded);
-        assert_eq!(h.record(&Outcome::Success, ms, 3, now), Verdict::Keep);
+        assert_eq!(
+            h.record(&Outcome::Success, ms, 3, now, SystemTime::now()),
+            Verdict::Keep
+        );
         assert_eq!(h.consecutive_failures, 0);
-        assert_eq!(h.record(&failure(), ms, 3, now), Verdict::Keep);
-        assert_eq!(h.record(&failure(), ms, 3, now), Verdict::Keep);
-        assert_eq!(h.record(&failure(), ms, 3, now), Verdict::Quarantine);
+        assert_eq!(
+            h.record(&failure(), ms, 3, now, SystemTime::now()),
+            Verdict::Keep
+        );
+        assert_eq!(
+            h.record(&failure(), ms, 3, now, SystemTime::now()),
+            Verdict::Keep
+        );
+        assert_eq!(
+            h.record(&failure(), ms, 3, now, SystemTime::now()),
+            Verdict::Quarantine
+        );
         assert_eq!(h.status, Status::Unhealthy);
         assert_eq!((h.total_requests, h.failed_requests), (5, 4));
         assert_eq!(h.success_rate(), 20.0);
@@ -194,13 +210,19 @@ mod tests {
             reason: "429".into(),
         };
         for _ in 0..10 {
-            assert_eq!(h.record(&limited, Duration::ZERO, 3, now), Verdict::Keep);
+            assert_eq!(
+                h.record(&limited, Duration::ZERO, 3, now, SystemTime::now()),
+                Verdict::Keep
+            );
         }
         assert_eq!(h.consecutive_failures, 0);
         assert!(h.is_cooling(now));
         assert!(!h.is_cooling(until));
         let auth = Outcome::AuthFailure("401".into());
-        assert_eq!(h.record(&auth, Duration::ZERO, 3, now), Verdict::Quarantine);
+        assert_eq!(
+            h.record(&auth, Duration::ZERO, 3, now, SystemTime::now()),
+            Verdict::Quarantine
+        );
         h.reset_to_healthy();
         assert_eq!(
             (h.status, h.cooldown_until, h.out_since),
