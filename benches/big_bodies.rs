@@ -11,13 +11,12 @@
 //!
 //! Run: `cargo bench --bench big_bodies` (about 25 s).
 
+mod common;
 #[path = "../tests/support/raw.rs"]
 mod raw;
 
-use failover_proxy::config::{Config, Overrides};
+use common::start_proxy;
 use failover_proxy::mock::MockUpstream;
-use failover_proxy::server::Server;
-use failover_proxy::state::State;
 use raw::RawClient;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -130,19 +129,6 @@ fn measure(direct: &str, proxy: &str, request: &Arc<Vec<u8>>, clients: usize) ->
     (d, p)
 }
 
-fn start_proxy(mock: &MockUpstream) -> (Server, String) {
-    let config = serde_json::json!({
-        "listen": "127.0.0.1:0",
-        "workers": WORKERS,
-        "endpoints": [{"name": "mock", "base_url": mock.url(), "api_key": "sk-bench-0123456789"}],
-    });
-    let config =
-        Config::from_json(&config.to_string(), &Overrides::default(), &|_| None).expect("config");
-    let server = Server::start(Arc::new(State::new(config).expect("state"))).expect("server");
-    let url = format!("http://{}", server.addr());
-    (server, url)
-}
-
 fn print_row(clients: usize, target: &str, cell: &Cell) {
     println!(
         "{clients:>7}  {target:<13} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>9}",
@@ -157,7 +143,7 @@ fn print_row(clients: usize, target: &str, cell: &Cell) {
 fn main() {
     let started = Instant::now();
     let mock = MockUpstream::start().expect("mock upstream");
-    let (server, proxy) = start_proxy(&mock);
+    let (server, proxy) = start_proxy(&mock, WORKERS);
     let direct = mock.url();
     let request = Arc::new(big_request());
     println!(

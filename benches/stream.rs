@@ -10,13 +10,12 @@
 //!
 //! Run: `cargo bench --bench stream` (about 30 s).
 
+mod common;
 #[path = "../tests/support/raw.rs"]
 mod raw;
 
-use failover_proxy::config::{Config, Overrides};
+use common::start_proxy;
 use failover_proxy::mock::MockUpstream;
-use failover_proxy::server::Server;
-use failover_proxy::state::State;
 use raw::RawClient;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -113,20 +112,6 @@ fn run_round(url: &str, streams: usize) -> Vec<Timeline> {
         .into_iter()
         .map(|h| h.join().expect("stream thread"))
         .collect()
-}
-
-/// A proxy with `workers` workers in front of `mock`, logging nothing.
-fn start_proxy(mock: &MockUpstream, workers: usize) -> (Server, String) {
-    let config = serde_json::json!({
-        "listen": "127.0.0.1:0",
-        "workers": workers,
-        "endpoints": [{"name": "mock", "base_url": mock.url(), "api_key": "sk-bench-0123456789"}],
-    });
-    let config =
-        Config::from_json(&config.to_string(), &Overrides::default(), &|_| None).expect("config");
-    let server = Server::start(Arc::new(State::new(config).expect("state"))).expect("server");
-    let url = format!("http://{}", server.addr());
-    (server, url)
 }
 
 /// Alternates direct and proxied rounds of `streams` streams; samples for each.

@@ -57,6 +57,19 @@ enum Command {
     },
     /// Run mock upstreams, the proxy and traffic on loopback; no config, no network.
     Demo,
+    /// Run one mock upstream on 127.0.0.1 (a free port) until Ctrl-C, to try the proxy by
+    /// hand; a request header `x-mock-fault` overrides the fault per request.
+    #[command(
+        after_help = "Examples:\n  failover-proxy mock --name primary --fault 529\n  failover-proxy mock --name backup\nFaults: none, 400-599, 429, reset, hang, slow, soft, sse-error, cut"
+    )]
+    Mock {
+        /// The fault every request gets unless its x-mock-fault header says otherwise.
+        #[arg(long, default_value = "none")]
+        fault: String,
+        /// Sent back in the x-mock-upstream header, to see which upstream answered.
+        #[arg(long, default_value = "mock")]
+        name: String,
+    },
     /// Print a running proxy's endpoints and counters as a table.
     #[command(after_help = "Example:\n  failover-proxy status --url http://127.0.0.1:7860")]
     Status {
@@ -72,6 +85,8 @@ enum Command {
 #[derive(Debug)]
 pub enum CliError {
     Config(ConfigError),
+    /// A command-line value clap cannot check by itself.
+    Usage(String),
     /// Anything else that stops start-up (port taken, thread limit, log file).
     Startup(String),
 }
@@ -79,7 +94,7 @@ pub enum CliError {
 impl CliError {
     pub fn exit_code(&self) -> i32 {
         match self {
-            CliError::Config(_) => 2,
+            CliError::Config(_) | CliError::Usage(_) => 2,
             CliError::Startup(_) => 1,
         }
     }
@@ -89,6 +104,7 @@ impl fmt::Display for CliError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CliError::Config(e) => write!(f, "{e}"),
+            CliError::Usage(e) => write!(f, "{e}"),
             CliError::Startup(e) => write!(f, "{e}"),
         }
     }
@@ -106,6 +122,7 @@ pub fn run() -> Result<(), CliError> {
         Command::Check { config, probe } => check(&config, probe),
         Command::Demo => crate::demo::run().map_err(CliError::Startup),
         Command::Status { url } => status(&url),
+        Command::Mock { fault, name } => mock(&fault, &name),
         Command::ImportQcc(args) => crate::import_qcc::run(&args),
     }
 }
@@ -329,4 +346,28 @@ fn status_table(s: &serde_json::Value) -> String {
         );
     }
     out
+}
+
+/// `mock`: one mock upstream on loopback until SIGINT/SIGTERM.
+fn mock(fault: &str, name: &str) -> Result<(), CliError> {
+    let parsed = crate::mock::Fault::parse(fault)
+        .ok_or_else(|| CliError::Usage(format!("--fault: unknown fault {fault:?}")))?;
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGINT,
+        signal_hook::consts::SIGTERM,
+    ])
+    .map_err(|e| CliError::Startup(format!("cannot install signal handlers: {e}")))?;
+    let upstream = crate::mock::MockUpstream::start_named(name, parsed)
+        .map_err(|e| CliError::Startup(format!("cannot start the mock upstream: {e}")))?;
+    println!(
+        "mock upstream {name:?} on {} (fault {fault}); Ctrl-C stops it",
+        upstream.url()
+    );
+    let _ = signals.forever().next();
+    println!(
+        "{} requests, {} answered with a fault",
+        upstream.requests(),
+        upstream.failures()
+    );
+    Ok(())
 }

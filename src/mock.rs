@@ -915,6 +915,14 @@ fn number_header(request: &Request, name: &str) -> Result<Option<usize>, String>
         .map_err(|_| format!("{name} must be a number"))
 }
 
+impl Fault {
+    /// A fault by its `x-mock-fault` name (`none`, `500`, `429`, `reset`, `hang`, …), as
+    /// `failover-proxy mock --fault` takes it.
+    pub fn parse(value: &str) -> Option<Fault> {
+        parse_fault(value, None)
+    }
+}
+
 /// The `x-mock-fault` vocabulary; `None` for an unknown value.
 fn parse_fault(value: &str, delay_ms: Option<usize>) -> Option<Fault> {
     let value = value.trim().to_ascii_lowercase();

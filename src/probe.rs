@@ -64,22 +64,11 @@ fn conversation(endpoint: &Endpoint, probe: &Probe) -> ProbeResult {
         }],
     })
     .to_string();
-    let req = match request(endpoint, "POST", "/v1/messages")
-        .header("content-type", "application/json")
-        .body(body)
-    {
-        Ok(req) => req,
-        Err(e) => return failed(format!("probe: cannot build the request: {e}")),
-    };
-    let agent = &endpoint.agent;
-    let req = agent
-        .configure_request(req)
-        .timeout_recv_response(wait(endpoint))
-        .timeout_recv_body(wait(endpoint))
-        .build();
-    let mut response = match agent.run(req) {
+    let builder =
+        request(endpoint, "POST", "/v1/messages").header("content-type", "application/json");
+    let mut response = match call(endpoint, builder, body) {
         Ok(r) => r,
-        Err(e) => return failed(crate::upstream::describe_error(&e)),
+        Err(failure) => return failure,
     };
     let status = response.status().as_u16();
     if status != 200 {
@@ -137,18 +126,28 @@ fn answer_text(body: &[u8]) -> String {
         .unwrap_or_default()
 }
 
-fn http_get(endpoint: &Endpoint, path: &str) -> ProbeResult {
-    let req = match request(endpoint, "GET", path).body(()) {
-        Ok(req) => req,
-        Err(e) => return failed(format!("probe: cannot build the request: {e}")),
-    };
+/// Sends the probe with its bounded waits; a failed call is already a `ProbeResult`.
+fn call<B: ureq::AsSendBody>(
+    endpoint: &Endpoint,
+    builder: ureq::http::request::Builder,
+    body: B,
+) -> Result<ureq::http::Response<ureq::Body>, ProbeResult> {
+    let req = builder
+        .body(body)
+        .map_err(|e| failed(format!("probe: cannot build the request: {e}")))?;
     let agent = &endpoint.agent;
     let req = agent
         .configure_request(req)
         .timeout_recv_response(wait(endpoint))
         .timeout_recv_body(wait(endpoint))
         .build();
-    match agent.run(req) {
+    agent
+        .run(req)
+        .map_err(|e| failed(crate::upstream::describe_error(&e)))
+}
+
+fn http_get(endpoint: &Endpoint, path: &str) -> ProbeResult {
+    match call(endpoint, request(endpoint, "GET", path), ()) {
         Ok(mut r) if r.status().is_success() => {
             let _drained_for_reuse = r.body_mut().with_config().limit(1 << 20).read_to_vec();
             ProbeResult {
@@ -157,7 +156,7 @@ fn http_get(endpoint: &Endpoint, path: &str) -> ProbeResult {
             }
         }
         Ok(r) => refused(&format!("GET {path}"), r.status().as_u16()),
-        Err(e) => failed(crate::upstream::describe_error(&e)),
+        Err(failure) => failure,
     }
 }
 

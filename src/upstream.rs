@@ -100,27 +100,30 @@ pub fn send(
     if let Some(h) = builder.headers_mut() {
         *h = upstream_headers(request, endpoint);
     }
-    let agent = &endpoint.agent;
-    let timeout = Some(endpoint.config.timeout);
+    // No body at all (not even `content-length: 0`) where the method has none.
     if request.body.is_empty() && !matches!(request.method.as_str(), "POST" | "PUT" | "PATCH") {
-        let req = builder.body(()).map_err(ureq::Error::from)?;
-        let req = agent
-            .configure_request(req)
-            .timeout_recv_response(timeout)
-            .timeout_send_body(timeout)
-            .build();
-        agent.run(req)
+        run(endpoint, builder, ())
     } else {
-        let req = builder
-            .body(request.body.as_slice())
-            .map_err(ureq::Error::from)?;
-        let req = agent
-            .configure_request(req)
-            .timeout_recv_response(timeout)
-            .timeout_send_body(timeout)
-            .build();
-        agent.run(req)
+        run(endpoint, builder, request.body.as_slice())
     }
+}
+
+/// One call through the endpoint's agent, its `timeout` bounding the wait for the
+/// response headers (and the sending of the body, should the upstream stop reading).
+fn run<B: ureq::AsSendBody>(
+    endpoint: &Endpoint,
+    builder: http::request::Builder,
+    body: B,
+) -> Result<http::Response<ureq::Body>, ureq::Error> {
+    let request = builder.body(body).map_err(ureq::Error::from)?;
+    let timeout = Some(endpoint.config.timeout);
+    let agent = &endpoint.agent;
+    let request = agent
+        .configure_request(request)
+        .timeout_recv_response(timeout)
+        .timeout_send_body(timeout)
+        .build();
+    agent.run(request)
 }
 
 /// How an upstream status counts (contract rule 3).

@@ -1,0 +1,21 @@
+//! What the bench binaries share: a proxy started in-process in front of a mock.
+
+use failover_proxy::config::{Config, Overrides};
+use failover_proxy::mock::MockUpstream;
+use failover_proxy::server::Server;
+use failover_proxy::state::State;
+use std::sync::Arc;
+
+/// A proxy with `workers` workers in front of `mock`, logging nothing; and its URL.
+pub fn start_proxy(mock: &MockUpstream, workers: usize) -> (Server, String) {
+    let config = serde_json::json!({
+        "listen": "127.0.0.1:0",
+        "workers": workers,
+        "endpoints": [{"name": "mock", "base_url": mock.url(), "api_key": "sk-bench-0123456789"}],
+    });
+    let config =
+        Config::from_json(&config.to_string(), &Overrides::default(), &|_| None).expect("config");
+    let server = Server::start(Arc::new(State::new(config).expect("state"))).expect("server");
+    let url = format!("http://{}", server.addr());
+    (server, url)
+}
