@@ -4,10 +4,9 @@
 //!
 //! `cargo bench --bench throughput` (set `SECONDS=N` for longer cells; default 3).
 
-use failover_proxy::config::{Config, Overrides};
+mod common;
+
 use failover_proxy::mock::MockUpstream;
-use failover_proxy::server::Server;
-use failover_proxy::state::State;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -31,12 +30,7 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(64usize);
-    let config = format!(
-        r#"{{"listen":"127.0.0.1:0","workers":{workers},"endpoints":[{{"base_url":"{}","api_key":"sk-bench-0000000000000000"}}]}}"#,
-        upstream.url()
-    );
-    let config = Config::from_json(&config, &Overrides::default(), &|_| None).expect("config");
-    let server = Server::start(Arc::new(State::new(config).expect("state"))).expect("proxy");
+    let (server, _) = common::start_proxy(&upstream, workers);
     println!(
         "short requests ({} B body), {seconds} s per cell, proxy workers {workers}",
         BODY.len()
