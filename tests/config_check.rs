@@ -123,3 +123,38 @@ fn check_accepts_a_valid_config_with_exit_0_printing_endpoint_ids_and_never_the_
         );
     }
 }
+
+/// `failover-proxy mock`: prints its URL, answers with its fault, stops on SIGINT with a
+/// count; an unknown fault is a usage error.
+#[test]
+fn the_mock_command_serves_its_fault_until_interrupted() {
+    use std::io::{BufRead, BufReader};
+    let bin = env!("CARGO_BIN_EXE_failover-proxy");
+    let bad = std::process::Command::new(bin)
+        .args(["mock", "--fault", "bogus"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    let mut child = std::process::Command::new(bin)
+        .args(["mock", "--name", "by-hand", "--fault", "503"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let first = lines.next().unwrap().unwrap();
+    let url = first
+        .split_whitespace()
+        .find(|w| w.starts_with("http://127.0.0.1:"))
+        .unwrap_or_else(|| panic!("{first}"))
+        .to_string();
+    let (status, _) = crate::support::post_message(&url, &[]);
+    assert_eq!(status, 503);
+    // SAFETY: sends a signal to our own child process.
+    assert_eq!(
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) },
+        0
+    );
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+    let summary = lines.next().unwrap().unwrap();
+    assert_eq!(summary, "1 requests, 1 answered with a fault");
+}
