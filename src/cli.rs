@@ -16,7 +16,7 @@ use std::sync::Arc;
     name = "failover-proxy",
     version,
     about = "A blocking, multithreaded failover proxy for Anthropic-API clients",
-    after_help = "Examples:\n  failover-proxy demo\n  failover-proxy check --config examples/config.json\n  failover-proxy serve --config examples/config.json"
+    after_help = "Examples:\n  failover-proxy demo\n  failover-proxy check --config examples/config.json --probe\n  failover-proxy serve --config examples/config.json --log-file proxy.log\n  failover-proxy status\n  failover-proxy import-qcc --profile work --output config.json\n  failover-proxy mock --name primary --fault 529"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -49,6 +49,7 @@ enum Command {
     /// Validate the config and print its endpoints (keys redacted).
     #[command(after_help = "Example:\n  failover-proxy check --config config.json")]
     Check {
+        /// The JSON config file.
         #[arg(long)]
         config: PathBuf,
         /// Also send one recovery probe to each endpoint and print what it found.
@@ -56,6 +57,9 @@ enum Command {
         probe: bool,
     },
     /// Run mock upstreams, the proxy and traffic on loopback; no config, no network.
+    #[command(
+        after_help = "Example:\n  failover-proxy demo    # about 12 s; a live table on a terminal, plain lines otherwise"
+    )]
     Demo,
     /// Run one mock upstream on 127.0.0.1 (a free port) until Ctrl-C, to try the proxy by
     /// hand; a request header `x-mock-fault` overrides the fault per request.

@@ -206,10 +206,18 @@ mod shutdown {
 
     /// Starts `serve` and reads its log until it says where it listens.
     fn serve(config: &std::path::Path) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
+        serve_with(config, &[])
+    }
+
+    fn serve_with(
+        config: &std::path::Path,
+        extra: &[&str],
+    ) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_failover-proxy"))
             .args(["serve", "--config"])
             .arg(config)
             .args(["--listen", "127.0.0.1:0", "--log-level", "info"])
+            .args(extra)
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -334,5 +342,48 @@ mod shutdown {
         );
         assert_eq!(child.wait().unwrap().code(), Some(0));
         std::fs::remove_file(config).unwrap();
+    }
+
+    /// `GET /__qcc__/logs` serves the tail of `--log-file`, filtered by level and text.
+    #[test]
+    fn the_log_api_serves_the_filtered_tail_of_the_log_file() {
+        let failing = mock(Fault::Status(500));
+        let backup = mock(Fault::None);
+        let endpoints = [
+            endpoint_json(0, &failing.url(), json!({})),
+            endpoint_json(1, &backup.url(), json!({})),
+        ];
+        let config = config_file(&json!({"endpoints": endpoints}));
+        let log = config.with_extension("log");
+        let (mut child, url, _stderr) = serve_with(&config, &["--log-file", log.to_str().unwrap()]);
+        for _ in 0..3 {
+            assert_eq!(post_message(&url, &[]).0, 200);
+        }
+        let (status, body) = get(&format!(
+            "{url}/__qcc__/logs?lines=2&level=warn&grep=failed"
+        ));
+        assert_eq!(status, 200);
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let lines = answer["lines"].as_array().unwrap();
+        assert_eq!(lines.len(), 2, "{answer}");
+        for line in lines {
+            let line = line.as_str().unwrap();
+            assert!(line.contains("[WARN]") && line.contains("failed"), "{line}");
+            assert!(!line.contains(&key(0)), "{line}");
+        }
+        let (status, body) = get(&format!(
+            "{url}/__qcc__/logs?grep=entered%20the%20failure%20queue"
+        ));
+        assert_eq!(status, 200);
+        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(answer["lines"].as_array().unwrap().len(), 1, "{answer}");
+        // SAFETY: sends a signal to our own child process.
+        assert_eq!(
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+            0
+        );
+        assert_eq!(child.wait().unwrap().code(), Some(0));
+        std::fs::remove_file(config).unwrap();
+        std::fs::remove_file(log).unwrap();
     }
 }

@@ -6,6 +6,7 @@ mod balancing;
 mod check_probe;
 mod concurrency;
 mod config_check;
+mod demo;
 mod failover;
 mod forwarding;
 mod import;
