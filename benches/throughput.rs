@@ -16,10 +16,9 @@ use std::time::{Duration, Instant};
 const BODY: &str = r#"{"model":"claude-bench","max_tokens":64,"messages":[{"role":"user","content":"Hello, this is a benchmark request of roughly three hundred bytes, about the size of a short chat turn sent by a client. It asks for nothing in particular and says so at some length."}]}"#;
 
 fn main() {
+    // BENCH_LOG=FILE: the proxy logs as `serve --log-file FILE` does (and to stderr).
     if let Ok(path) = std::env::var("BENCH_LOG") {
-        let file = std::fs::File::create(path).expect("log file");
-        simplelog::WriteLogger::init(log::LevelFilter::Info, simplelog::Config::default(), file)
-            .expect("logger");
+        failover_proxy::logging::init(log::LevelFilter::Info, Some(path.as_ref())).expect("logger");
     }
     let seconds: u64 = std::env::var("SECONDS")
         .ok()

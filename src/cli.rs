@@ -7,7 +7,6 @@ use crate::state::{Source, State};
 use clap::{Parser, Subcommand};
 use log::{LevelFilter, info, warn};
 use std::fmt;
-use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -153,7 +152,7 @@ fn serve(
     log_file: Option<PathBuf>,
 ) -> Result<(), CliError> {
     let config = load(path, &overrides)?;
-    init_logging(level, log_file.as_deref())?;
+    crate::logging::init(level, log_file.as_deref()).map_err(CliError::Startup)?;
     let state = build_state(path, config)?;
     let source = Source {
         config_path: path.to_path_buf(),
@@ -181,6 +180,7 @@ fn serve(
     if server.shutdown(DRAIN_GRACE) {
         info!("stopped");
     }
+    log::logger().flush();
     Ok(())
 }
 
@@ -190,40 +190,6 @@ fn reload(state: &State) {
         Ok(()) => info!("config reloaded"),
         Err(e) => warn!("reload refused, the running config is unchanged: {e}"),
     }
-}
-
-fn init_logging(level: LevelFilter, file: Option<&Path>) -> Result<(), CliError> {
-    use simplelog::{
-        ColorChoice, CombinedLogger, SharedLogger, TermLogger, TerminalMode, WriteLogger,
-    };
-    let config = simplelog::ConfigBuilder::new()
-        .set_time_format_rfc3339()
-        .set_target_level(LevelFilter::Off)
-        .set_thread_level(LevelFilter::Off)
-        .build();
-    // Colours only for a person at a terminal, never into a redirected file or journal.
-    let colours = if std::io::stderr().is_terminal() {
-        ColorChoice::Auto
-    } else {
-        ColorChoice::Never
-    };
-    let mut loggers: Vec<Box<dyn SharedLogger>> = vec![TermLogger::new(
-        level,
-        config.clone(),
-        TerminalMode::Stderr,
-        colours,
-    )];
-    if let Some(path) = file {
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(|e| {
-                CliError::Startup(format!("cannot open log file {}: {e}", path.display()))
-            })?;
-        loggers.push(WriteLogger::new(level, config, f));
-    }
-    CombinedLogger::init(loggers).map_err(|e| CliError::Startup(format!("logging: {e}")))
 }
 
 fn check(path: &Path, probe: bool) -> Result<(), CliError> {

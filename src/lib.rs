@@ -20,6 +20,7 @@ pub mod http_out;
 pub mod idle;
 pub mod import_qcc;
 pub mod logfile;
+pub mod logging;
 pub mod metrics;
 pub mod mock;
 pub mod probe;
