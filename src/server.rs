@@ -233,7 +233,7 @@ fn parse_request(
     }
     let mut body = read_body(request, config.max_body_bytes)?;
     if let Some(model) = &config.model_override {
-        crate::forward::override_model(&mut body, model);
+        crate::rewrite::override_model(&mut body, model);
     }
     Ok(ClientRequest {
         method,
