@@ -73,7 +73,7 @@ pub struct State {
 
 impl State {
     pub fn new(config: Config) -> Result<State, String> {
-        let generation = build_generation(config, &[])?;
+        let generation = build_generation(config, None)?;
         let probe_pool = rayon::ThreadPoolBuilder::new()
             .num_threads(generation.endpoints.len().clamp(1, 4))
             .thread_name(|i| format!("probe-{i}"))
@@ -105,7 +105,7 @@ impl State {
         if config.listen != old.config.listen || config.workers != old.config.workers {
             warn!("listen and workers changes take effect only after a restart");
         }
-        let next = build_generation(config, &old.endpoints)?;
+        let next = build_generation(config, Some(&old))?;
         for e in &old.endpoints {
             if next.endpoint(e.id()).is_none() {
                 self.queue.remove(e.id());
@@ -204,15 +204,25 @@ impl State {
     }
 }
 
-/// Builds a generation; an endpoint whose id is in `keep` is reused as it is, with its
-/// health and counters (a reload must not forget what it knows of an unchanged endpoint).
-pub fn build_generation(config: Config, keep: &[Arc<Endpoint>]) -> Result<Generation, String> {
+/// Builds a generation; an endpoint whose id was in the `previous` one keeps its health
+/// and counters (a reload must not forget what it knows of an endpoint it still has).
+pub fn build_generation(
+    config: Config,
+    previous: Option<&Generation>,
+) -> Result<Generation, String> {
     let shared = agent::shared_agent(&config);
+    // Agents carry the connect and idle timeouts and the pool size: when those change,
+    // every endpoint gets a new agent (and keeps its health all the same).
+    let same_agents = previous.is_some_and(|p| {
+        let (a, b) = (&p.config, &config);
+        (a.connect_timeout, a.idle_timeout, a.workers)
+            == (b.connect_timeout, b.idle_timeout, b.workers)
+    });
     let mut endpoints = Vec::with_capacity(config.endpoints.len());
     for ec in &config.endpoints {
-        let old = keep.iter().find(|e| e.id() == ec.id);
+        let old = previous.and_then(|p| p.endpoint(ec.id));
         let endpoint = match old {
-            Some(e) if e.config == *ec => e.clone(),
+            Some(e) if e.config == *ec && same_agents => e.clone(),
             Some(e) => Arc::new(e.successor(ec.clone(), agent::agent_for(&config, ec, &shared)?)),
             None => Arc::new(Endpoint::new(
                 ec.clone(),
