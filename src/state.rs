@@ -148,11 +148,10 @@ impl State {
                     endpoint.name(),
                     endpoint.id()
                 );
+                if verdict == Verdict::Quarantine {
+                    self.quarantine(endpoint, reason);
+                }
             }
-        }
-        if verdict == Verdict::Quarantine {
-            let reason = endpoint.health().last_error.unwrap_or_default();
-            self.quarantine(endpoint, &reason);
         }
     }
 

@@ -122,15 +122,14 @@ mod models {
         }
 
         /// `State::record`, step for step: the health update in one scope of the
-        /// endpoint's lock; then, that lock released, `health()` for the reason and the
-        /// queue add (`State::quarantine`). True when this call put the endpoint in the
-        /// queue, which is when the proxy logs "entered the failure queue".
+        /// endpoint's lock; then, that lock released, the queue add (`State::quarantine`).
+        /// True when this call put the endpoint in the queue, which is when the proxy logs
+        /// "entered the failure queue".
         fn attempt(&self, outcome: &Outcome) -> bool {
             let verdict = self.endpoint.record(outcome, ELAPSED);
             if verdict != Verdict::Quarantine {
                 return false;
             }
-            let _reason = self.endpoint.health().last_error;
             self.queue.add(self.id())
         }
 
