@@ -3,134 +3,30 @@
 //! real client accepts what it writes). Everything stays on 127.0.0.1 and every read has
 //! a timeout, so a broken mock fails a test instead of hanging it.
 
-use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use failover_proxy::mock::{Fault, MockUpstream};
 use serde_json::{Value, json};
 
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::support::raw::{self, Head, Headers, RawClient};
 
-type Headers<'a> = &'a [(&'a str, &'a str)];
-
-/// A raw HTTP/1.1 client over one connection.
-struct Client {
-    reader: BufReader<TcpStream>,
-    writer: TcpStream,
+/// A raw client on one fresh connection to `mock`.
+fn connect(mock: &MockUpstream) -> RawClient {
+    RawClient::connect(&mock.url())
 }
 
-#[derive(Debug, PartialEq)]
-struct Head {
-    status: u16,
-    /// The whole head as sent, for byte comparisons.
-    text: String,
-    headers: Vec<(String, String)>,
+/// The body `head` announces with its `content-length`.
+fn read_sized_body(client: &mut RawClient, head: &Head) -> io::Result<Vec<u8>> {
+    client.read_exact_body(head.content_length().expect("length"))
 }
 
-impl Head {
-    fn header(&self, name: &str) -> Option<&str> {
-        let found = self.headers.iter().find(|(key, _)| key == name);
-        found.map(|(_, value)| value.as_str())
-    }
-}
-
-impl Client {
-    fn connect(mock: &MockUpstream) -> Client {
-        let stream = TcpStream::connect(mock.addr()).expect("connect");
-        stream
-            .set_read_timeout(Some(READ_TIMEOUT))
-            .expect("timeout");
-        let reader = BufReader::new(stream.try_clone().expect("clone"));
-        Client {
-            reader,
-            writer: stream,
-        }
-    }
-
-    fn send(&mut self, bytes: &[u8]) {
-        self.writer.write_all(bytes).expect("send");
-    }
-
-    fn read_line(&mut self) -> io::Result<String> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
-        Ok(line)
-    }
-
-    fn read_head(&mut self) -> io::Result<Head> {
-        let status_line = self.read_line()?;
-        let status = status_line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
-        let mut text = status_line;
-        let mut headers = Vec::new();
-        loop {
-            let line = self.read_line()?;
-            text.push_str(&line);
-            let line = line.trim_end();
-            if line.is_empty() {
-                return Ok(Head {
-                    status,
-                    text,
-                    headers,
-                });
-            }
-            let (name, value) = line.split_once(':').expect("header line");
-            headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
-        }
-    }
-
-    /// One chunk's data; `None` for the terminating chunk.
-    fn read_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
-        let size_line = self.read_line()?;
-        let size = usize::from_str_radix(size_line.trim(), 16).map_err(io::Error::other)?;
-        let mut data = vec![0; size + 2];
-        self.reader.read_exact(&mut data)?;
-        assert!(data.ends_with(b"\r\n"), "chunk must end with CRLF");
-        data.truncate(size);
-        Ok((size > 0).then_some(data))
-    }
-
-    fn read_all_chunks(&mut self) -> io::Result<Vec<Vec<u8>>> {
-        let mut chunks = Vec::new();
-        while let Some(chunk) = self.read_chunk()? {
-            chunks.push(chunk);
-        }
-        Ok(chunks)
-    }
-
-    fn read_sized_body(&mut self, head: &Head) -> io::Result<Vec<u8>> {
-        let length: usize = head
-            .header("content-length")
-            .expect("length")
-            .parse()
-            .expect("n");
-        let mut body = vec![0; length];
-        self.reader.read_exact(&mut body)?;
-        Ok(body)
-    }
-
-    /// A fixed-length response: head and parsed JSON body.
-    fn read_json(&mut self) -> (Head, Value) {
-        let head = self.read_head().expect("head");
-        let body = self.read_sized_body(&head).expect("body");
-        (head, serde_json::from_slice(&body).expect("json body"))
-    }
-
-    /// True when the server closed the connection without sending another byte.
-    fn sees_close(&mut self) -> bool {
-        let mut byte = [0; 1];
-        match self.reader.read(&mut byte) {
-            Ok(read) => read == 0,
-            Err(err) => err.kind() == io::ErrorKind::ConnectionReset,
-        }
-    }
+/// A fixed-length response: head and parsed JSON body.
+fn read_json(client: &mut RawClient) -> (Head, Value) {
+    let head = client.read_head().expect("head");
+    let body = read_sized_body(client, &head).expect("body");
+    (head, serde_json::from_slice(&body).expect("json body"))
 }
 
 fn chat_body(text: &str, stream: bool) -> String {
@@ -147,20 +43,14 @@ fn chat_body(text: &str, stream: bool) -> String {
     .to_string()
 }
 
-fn post(path: &str, body: &str, headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut text = format!(
-        "POST {path} HTTP/1.1\r\nhost: mock\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
-        body.len()
-    );
-    for (name, value) in headers {
-        text.push_str(&format!("{name}: {value}\r\n"));
-    }
-    text.push_str("\r\n");
-    text.push_str(body);
-    text.into_bytes()
+/// A JSON `POST`; `headers` are extra.
+fn post(path: &str, body: &str, headers: Headers) -> Vec<u8> {
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    raw::request("POST", path, &all, body.as_bytes())
 }
 
-fn messages(text: &str, stream: bool, headers: &[(&str, &str)]) -> Vec<u8> {
+fn messages(text: &str, stream: bool, headers: Headers) -> Vec<u8> {
     post("/v1/messages", &chat_body(text, stream), headers)
 }
 
@@ -235,13 +125,13 @@ fn healthy_json_reply_echoes_the_last_user_message() {
 #[test]
 fn sse_stream_has_the_real_event_sequence_and_is_byte_deterministic() {
     let mock = MockUpstream::start().expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     let mut runs = Vec::new();
     for _ in 0..2 {
         // Both on one keep-alive connection.
         client.send(&messages("hello stream", true, &[]));
         let head = client.read_head().expect("head");
-        let chunks = client.read_all_chunks().expect("chunks");
+        let chunks = client.read_chunks().expect("chunks");
         runs.push((head, chunks));
     }
     let (head, chunks) = &runs[0];
@@ -264,7 +154,7 @@ fn sse_stream_has_the_real_event_sequence_and_is_byte_deterministic() {
 #[test]
 fn event_headers_set_count_size_and_delay() {
     let mock = MockUpstream::start().expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     let headers = [
         ("x-mock-events", "3"),
         ("x-mock-event-bytes", "100"),
@@ -273,7 +163,7 @@ fn event_headers_set_count_size_and_delay() {
     let started = Instant::now();
     client.send(&messages("sized", true, &headers));
     client.read_head().expect("head");
-    let chunks = client.read_all_chunks().expect("chunks");
+    let chunks = client.read_chunks().expect("chunks");
     assert!(
         started.elapsed() >= Duration::from_millis(8 * 30),
         "a delay before each of 8 events"
@@ -287,9 +177,9 @@ fn event_headers_set_count_size_and_delay() {
 #[test]
 fn status_faults_answer_the_anthropic_error_shape() {
     let mock = MockUpstream::start_with(Fault::Status(500)).expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("x", false, &[]));
-    let (head, body) = client.read_json();
+    let (head, body) = read_json(&mut client);
     assert_eq!(head.status, 500);
     assert_eq!(
         body,
@@ -297,7 +187,7 @@ fn status_faults_answer_the_anthropic_error_shape() {
     );
     mock.set_fault(Fault::Status(529));
     client.send(&messages("x", true, &[]));
-    let (head, body) = client.read_json();
+    let (head, body) = read_json(&mut client);
     assert_eq!(head.status, 529);
     assert_eq!(body["error"]["type"], "overloaded_error");
     assert_eq!(
@@ -339,7 +229,7 @@ fn rate_limits_carry_retry_after() {
 #[test]
 fn reset_closes_without_an_answer() {
     let mock = MockUpstream::start_with(Fault::Reset).expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("x", false, &[]));
     assert!(client.sees_close());
     let url = format!("{}/v1/messages", mock.url());
@@ -350,7 +240,7 @@ fn reset_closes_without_an_answer() {
 #[test]
 fn hang_ends_when_the_fault_changes() {
     let mock = MockUpstream::start_with(Fault::Hang).expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("x", false, &[]));
     thread::sleep(Duration::from_millis(300));
     assert_eq!(
@@ -365,29 +255,22 @@ fn hang_ends_when_the_fault_changes() {
         "a hang changed away ends without an answer"
     );
     assert!(changed.elapsed() < Duration::from_secs(1));
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("after", false, &[]));
-    assert_eq!(client.read_json().0.status, 200);
+    assert_eq!(read_json(&mut client).0.status, 200);
 }
 
 #[test]
 fn header_hang_survives_a_change_to_hang_and_ends_at_shutdown() {
     let mock = MockUpstream::start().expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("x", false, &[("x-mock-fault", "hang")]));
     thread::sleep(Duration::from_millis(100));
     mock.set_fault(Fault::Hang);
-    client
-        .writer
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .expect("timeout");
-    let mut byte = [0; 1];
-    let still = client.reader.read(&mut byte);
+    client.set_read_timeout(Duration::from_millis(300));
+    let still = client.read_byte();
     assert!(still.is_err(), "still hanging, got {still:?}");
-    client
-        .writer
-        .set_read_timeout(Some(READ_TIMEOUT))
-        .expect("timeout");
+    client.set_read_timeout(raw::SAFETY_TIMEOUT);
     let stopping = Instant::now();
     mock.shutdown();
     assert!(
@@ -400,16 +283,16 @@ fn header_hang_survives_a_change_to_hang_and_ends_at_shutdown() {
 #[test]
 fn header_override_beats_the_default_fault() {
     let mock = MockUpstream::start_with(Fault::Status(503)).expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("x", false, &[("x-mock-fault", "none")]));
-    assert_eq!(client.read_json().0.status, 200);
+    assert_eq!(read_json(&mut client).0.status, 200);
     mock.set_fault(Fault::None);
     client.send(&messages("x", false, &[("x-mock-fault", "502")]));
-    let (head, body) = client.read_json();
+    let (head, body) = read_json(&mut client);
     assert_eq!(head.status, 502);
     assert_eq!(body["error"]["type"], "api_error");
     client.send(&messages("x", false, &[("x-mock-fault", "explode")]));
-    assert_eq!(client.read_json().0.status, 400);
+    assert_eq!(read_json(&mut client).0.status, 400);
     assert_eq!(mock.fault(), Fault::None);
     assert_eq!(
         (mock.successes(), mock.failures(), mock.client_errors()),
@@ -420,7 +303,7 @@ fn header_override_beats_the_default_fault() {
 #[test]
 fn counters_move_once_per_request_before_the_answer() {
     let mock = MockUpstream::start().expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     // Headers, then the successes, failures and client errors expected after the request.
     let plan: [(Headers, u64, u64, u64); 5] = [
         (&[], 1, 0, 0),
@@ -436,7 +319,7 @@ fn counters_move_once_per_request_before_the_answer() {
     ];
     for (index, (headers, successes, failures, client_errors)) in plan.into_iter().enumerate() {
         client.send(&messages("count", false, headers));
-        client.read_json();
+        read_json(&mut client);
         assert_eq!(mock.requests(), index as u64 + 1);
         assert_eq!(
             (mock.successes(), mock.failures(), mock.client_errors()),
@@ -444,7 +327,7 @@ fn counters_move_once_per_request_before_the_answer() {
         );
     }
     client.send(b"GET /v1/models HTTP/1.1\r\nhost: mock\r\n\r\n");
-    assert_eq!(client.read_json().1["data"][0]["id"], "claude-mock");
+    assert_eq!(read_json(&mut client).1["data"][0]["id"], "claude-mock");
     client.send(b"HEAD / HTTP/1.1\r\nhost: mock\r\n\r\n");
     let head = client.read_head().expect("head");
     assert_eq!(
@@ -452,7 +335,7 @@ fn counters_move_once_per_request_before_the_answer() {
         (200, Some("0"))
     );
     client.send(b"GET /nowhere HTTP/1.1\r\nhost: mock\r\n\r\n");
-    assert_eq!(client.read_json().0.status, 404);
+    assert_eq!(read_json(&mut client).0.status, 404);
     assert_eq!(
         (mock.requests(), mock.successes(), mock.client_errors()),
         (8, 4, 2)
@@ -463,9 +346,9 @@ fn counters_move_once_per_request_before_the_answer() {
 #[test]
 fn soft_and_sse_error_faults() {
     let mock = MockUpstream::start_with(Fault::SoftError200).expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("x", false, &[]));
-    let (head, body) = client.read_json();
+    let (head, body) = read_json(&mut client);
     assert_eq!(
         (head.status, head.header("content-type")),
         (200, Some("application/json"))
@@ -477,20 +360,20 @@ fn soft_and_sse_error_faults() {
     mock.set_fault(Fault::SseErrorFirst);
     client.send(&messages("x", true, &[]));
     assert_eq!(client.read_head().expect("head").status, 200);
-    let chunks = client.read_all_chunks().expect("chunks");
+    let chunks = client.read_chunks().expect("chunks");
     assert_eq!(
         chunks,
         vec![b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n".to_vec()]
     );
     client.send(&messages("x", false, &[]));
-    assert_eq!(client.read_json().0.status, 529);
+    assert_eq!(read_json(&mut client).0.status, 529);
     assert_eq!(mock.failures(), 3);
 }
 
 #[test]
 fn cut_stream_ends_without_the_final_chunk() {
     let mock = MockUpstream::start_with(Fault::SseCutAfter { events: 4 }).expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("x", true, &[]));
     assert_eq!(client.read_head().expect("head").status, 200);
     for _ in 0..4 {
@@ -500,11 +383,11 @@ fn cut_stream_ends_without_the_final_chunk() {
         client.read_chunk().is_err(),
         "no fifth event and no terminating chunk"
     );
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("x", false, &[]));
     let head = client.read_head().expect("head");
     assert!(
-        client.read_sized_body(&head).is_err(),
+        read_sized_body(&mut client, &head).is_err(),
         "half a body, then a close"
     );
     assert_eq!(mock.failures(), 2);
@@ -513,30 +396,22 @@ fn cut_stream_ends_without_the_final_chunk() {
 #[test]
 fn gated_stream_sends_one_event_per_release() {
     let mock = MockUpstream::start_with(Fault::Gated).expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("x", true, &[]));
     assert_eq!(client.read_head().expect("head").status, 200);
     assert!(client.read_chunk().expect("first event").is_some());
-    client
-        .writer
-        .set_read_timeout(Some(Duration::from_millis(300)))
-        .expect("timeout");
+    client.set_read_timeout(Duration::from_millis(300));
     assert!(
         client.read_chunk().is_err(),
         "the second event waits for a release"
     );
-    client
-        .writer
-        .set_read_timeout(Some(READ_TIMEOUT))
-        .expect("timeout");
+    client.set_read_timeout(raw::SAFETY_TIMEOUT);
     mock.release(2);
     let second = client.read_chunk().expect("second").expect("event");
     assert_eq!(sse_parts(&second).0, "content_block_start");
     assert!(client.read_chunk().expect("third").is_some());
     mock.set_fault(Fault::None);
-    let rest = client
-        .read_all_chunks()
-        .expect("rest after the gate opened");
+    let rest = client.read_chunks().expect("rest after the gate opened");
     assert_eq!(rest.len(), 10 - 3);
     assert_eq!(mock.successes(), 1);
 }
@@ -544,11 +419,11 @@ fn gated_stream_sends_one_event_per_release() {
 #[test]
 fn slow_body_arrives_in_pieces_but_whole() {
     let mock = MockUpstream::start_with(Fault::SlowBody { delay_ms: 100 }).expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("slowly", false, &[]));
     let head = client.read_head().expect("head");
     let head_at = Instant::now();
-    let body = client.read_sized_body(&head).expect("body");
+    let body = read_sized_body(&mut client, &head).expect("body");
     // Four pieces 100 ms apart follow the head, which went out first.
     assert!(head_at.elapsed() >= Duration::from_millis(250));
     let body: Value = serde_json::from_slice(&body).expect("json");
@@ -559,7 +434,7 @@ fn slow_body_arrives_in_pieces_but_whole() {
 #[test]
 fn chunked_request_body_with_expect_continue() {
     let mock = MockUpstream::start().expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     let body = chat_body("chunky", false);
     let (first, second) = body.split_at(10);
     client.send(
@@ -576,7 +451,7 @@ fn chunked_request_body_with_expect_continue() {
         second.len()
     );
     client.send(chunked.as_bytes());
-    let (head, reply) = client.read_json();
+    let (head, reply) = read_json(&mut client);
     assert_eq!(head.status, 200);
     assert_eq!(reply["content"][0]["text"], "mock reply: chunky");
     assert_eq!(mock.recorded()[0].body, body.into_bytes());
@@ -600,9 +475,9 @@ fn ten_megabyte_body_is_read_whole() {
 fn count_tokens_404_counts_as_neither() {
     let mock = MockUpstream::start().expect("start");
     mock.set_count_tokens_404(true);
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&post("/v1/messages/count_tokens", "{}", &[]));
-    let (head, body) = client.read_json();
+    let (head, body) = read_json(&mut client);
     assert_eq!(
         (head.status, body["error"]["type"].as_str()),
         (404, Some("not_found_error"))
@@ -621,29 +496,29 @@ fn count_tokens_404_counts_as_neither() {
 #[test]
 fn malformed_request_gets_400_and_a_close() {
     let mock = MockUpstream::start().expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(b"this is not http\r\n\r\n");
-    let (head, body) = client.read_json();
+    let (head, body) = read_json(&mut client);
     assert_eq!(
         (head.status, head.header("connection")),
         (400, Some("close"))
     );
     assert_eq!(body["error"]["type"], "invalid_request_error");
     assert!(client.sees_close());
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&post("/v1/messages", "{not json", &[]));
-    assert_eq!(client.read_json().0.status, 400);
+    assert_eq!(read_json(&mut client).0.status, 400);
     assert_eq!((mock.requests(), mock.client_errors()), (1, 2));
 }
 
 #[test]
 fn shutdown_ends_gated_streams_and_idle_connections_promptly() {
     let mock = MockUpstream::start_with(Fault::Gated).expect("start");
-    let mut gated = Client::connect(&mock);
+    let mut gated = connect(&mock);
     gated.send(&messages("x", true, &[]));
     gated.read_head().expect("head");
     gated.read_chunk().expect("first event");
-    let mut idle = Client::connect(&mock);
+    let mut idle = connect(&mock);
     idle.send(b"GET / HTTP/1.1\r\nhost: mock\r\n\r\n");
     idle.read_head().expect("head");
     let stopping = Instant::now();
@@ -659,7 +534,7 @@ fn shutdown_ends_gated_streams_and_idle_connections_promptly() {
 #[test]
 fn hang_ends_when_the_client_goes_away() {
     let mock = MockUpstream::start_with(Fault::Hang).expect("start");
-    let mut client = Client::connect(&mock);
+    let mut client = connect(&mock);
     client.send(&messages("x", false, &[]));
     wait_until(|| mock.requests() == 1);
     assert_eq!(mock.open_connections(), 1);

@@ -22,10 +22,12 @@ pub struct RawClient {
 }
 
 /// A response head: the status and the headers, names lower-cased.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub struct Head {
     pub status: u16,
     pub headers: Vec<(String, String)>,
+    /// The whole head as it arrived, status line to blank line, for byte comparisons.
+    pub text: String,
 }
 
 impl Head {
@@ -64,7 +66,16 @@ impl RawClient {
         self.writer.write_all(bytes).expect("send the request");
     }
 
-    fn read_line(&mut self) -> io::Result<String> {
+    /// Sets how long a read may wait before it fails (`SAFETY_TIMEOUT` after `connect`):
+    /// shorter, to see that nothing arrives for a while.
+    pub fn set_read_timeout(&self, timeout: Duration) {
+        self.writer
+            .set_read_timeout(Some(timeout))
+            .expect("read timeout");
+    }
+
+    /// One line as it arrived, CRLF included; the end of the stream is an error.
+    pub fn read_line(&mut self) -> io::Result<String> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
@@ -79,12 +90,18 @@ impl RawClient {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
+        let mut text = status_line;
         let mut headers = Vec::new();
         loop {
             let line = self.read_line()?;
+            text.push_str(&line);
             let line = line.trim_end();
             if line.is_empty() {
-                return Ok(Head { status, headers });
+                return Ok(Head {
+                    status,
+                    headers,
+                    text,
+                });
             }
             let (name, value) = line
                 .split_once(':')
@@ -118,6 +135,16 @@ impl RawClient {
         Ok(())
     }
 
+    /// Each chunk's data of a chunked response, in order, up to and including its
+    /// terminator.
+    pub fn read_chunks(&mut self) -> io::Result<Vec<Vec<u8>>> {
+        let mut chunks = Vec::new();
+        while let Some(chunk) = self.read_chunk()? {
+            chunks.push(chunk);
+        }
+        Ok(chunks)
+    }
+
     /// The decoded body of a chunked response, up to and including its terminator.
     pub fn read_chunked_body(&mut self) -> io::Result<Vec<u8>> {
         let mut body = Vec::new();
@@ -131,6 +158,23 @@ impl RawClient {
         let mut body = vec![0; length];
         self.reader.read_exact(&mut body)?;
         Ok(body)
+    }
+
+    /// The next byte; `None` at the end of the stream. Waiting past the read timeout is an
+    /// error.
+    pub fn read_byte(&mut self) -> io::Result<Option<u8>> {
+        let mut byte = [0; 1];
+        let read = self.reader.read(&mut byte)?;
+        Ok((read == 1).then_some(byte[0]))
+    }
+
+    /// True when the server closed the connection (an end of stream or a reset) without
+    /// sending another byte.
+    pub fn sees_close(&mut self) -> bool {
+        match self.read_byte() {
+            Ok(byte) => byte.is_none(),
+            Err(err) => err.kind() == io::ErrorKind::ConnectionReset,
+        }
     }
 
     /// Closes both directions and the socket: the client hangs up.
