@@ -117,14 +117,6 @@ fn stats_after(proxy: &Proxy, requests: u64) -> Value {
     }
 }
 
-fn endpoint_in<'a>(stats: &'a Value, id: &str) -> &'a Value {
-    let endpoints = stats["endpoints"].as_array().expect("endpoints");
-    endpoints
-        .iter()
-        .find(|e| e["id"] == id)
-        .expect("endpoint in stats")
-}
-
 #[test]
 fn random_faults_from_32_threads_of_50_requests_count_exactly_per_endpoint_and_in_total() {
     let mocks: Vec<MockUpstream> = (0..3)

@@ -239,12 +239,15 @@ fn count_tokens_404_is_answered_locally_and_is_not_a_failure() {
     up.set_count_tokens_404(true);
     let proxy = Proxy::start(&[&up], json!({}));
     let body = json!({"model": "m", "messages": [{"role": "user", "content": "a".repeat(400)}]});
-    let (status, answer) = post(
-        &proxy.url,
-        "/v1/messages/count_tokens",
-        &body.to_string(),
-        &[],
-    );
+    let count_tokens = || {
+        post(
+            &proxy.url,
+            "/v1/messages/count_tokens",
+            &body.to_string(),
+            &[],
+        )
+    };
+    let (status, answer) = count_tokens();
     assert_eq!(status, 200);
     let estimate: Value = serde_json::from_slice(&answer).unwrap();
     assert!(
@@ -255,12 +258,7 @@ fn count_tokens_404_is_answered_locally_and_is_not_a_failure() {
     let h = &proxy.endpoint_stats(0)["health_status"];
     assert_eq!(h["failed_requests"], 0);
     up.set_count_tokens_404(false);
-    let (status, answer) = post(
-        &proxy.url,
-        "/v1/messages/count_tokens",
-        &body.to_string(),
-        &[],
-    );
+    let (status, answer) = count_tokens();
     assert_eq!(status, 200);
     // The upstream's own count when it has one: the mock's is body length / 4.
     let upstream: Value = serde_json::from_slice(&answer).unwrap();

@@ -134,14 +134,6 @@ fn last_event_name(text: &str) -> Option<&str> {
         .map(str::trim)
 }
 
-fn endpoint_stats<'a>(stats: &'a Value, id: &str) -> &'a Value {
-    let endpoints = stats["endpoints"].as_array().expect("endpoints");
-    endpoints
-        .iter()
-        .find(|e| e["id"] == id)
-        .expect("endpoint in stats")
-}
-
 fn number(value: &Value) -> u64 {
     value
         .as_u64()
@@ -150,7 +142,7 @@ fn number(value: &Value) -> u64 {
 
 /// Per endpoint: (attempts recorded in its health, failed ones, probes sent to it).
 fn health_and_probes(stats: &Value, id: &str) -> (u64, u64, u64) {
-    let health = &endpoint_stats(stats, id)["health_status"];
+    let health = &endpoint_in(stats, id)["health_status"];
     let probes = number(&stats["endpoint_verify_counts"][id]);
     (
         number(&health["total_requests"]),

@@ -106,15 +106,7 @@ impl Proxy {
     }
 
     pub fn endpoint_stats(&self, i: usize) -> Value {
-        let id = self.id(i);
-        let stats = self.stats();
-        stats["endpoints"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|e| e["id"] == id.as_str())
-            .cloned()
-            .expect("endpoint in stats")
+        endpoint_in(&self.stats(), &self.id(i)).clone()
     }
 }
 
@@ -267,4 +259,13 @@ pub fn wait_until(what: &str, done: impl Fn() -> bool) {
 pub fn unique() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Endpoint `id`'s entry in a `/__qcc__/stats` answer.
+pub fn endpoint_in<'a>(stats: &'a Value, id: &str) -> &'a Value {
+    let endpoints = stats["endpoints"].as_array().expect("endpoints");
+    endpoints
+        .iter()
+        .find(|e| e["id"] == id)
+        .expect("endpoint in stats")
 }
