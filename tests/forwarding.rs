@@ -158,3 +158,27 @@ fn responses_on_a_kept_alive_client_connection_are_not_held_back_by_nagle() {
         "median {median:?} of {took:?}"
     );
 }
+
+/// Mid-stream, `idle_timeout` ends a stream whose upstream went silent: the client gets
+/// what was sent, then exactly one `event: error`, and the endpoint one failure.
+#[test]
+fn idle_timeout_mid_stream_ends_with_one_error_event() {
+    let silent = mock(Fault::Gated);
+    let proxy = Proxy::start(&[&silent], json!({"idle_timeout": 0.3}));
+    let body = json!({"model": "m", "max_tokens": 5, "stream": true,
+                      "messages": [{"role": "user", "content": "hi"}]})
+    .to_string();
+    let (status, answer) = post(&proxy.url, "/v1/messages", &body, &[]);
+    assert_eq!(status, 200);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("event: message_start"), "{text}");
+    assert_eq!(text.matches("event: error").count(), 1, "{text}");
+    assert!(text.contains("\"type\":\"error\""), "{text}");
+    let h = proxy.endpoint_stats(0)["health_status"].clone();
+    assert_eq!(h["failed_requests"], 1, "{h}");
+    assert!(
+        h["last_error"].as_str().unwrap().contains("idle_timeout"),
+        "{h}"
+    );
+    silent.set_fault(Fault::None);
+}
