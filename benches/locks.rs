@@ -20,10 +20,9 @@
 //! Run: `cargo bench --bench locks` (about 20 s).
 
 use failover_proxy::config::{Config, EndpointConfig, Overrides, Strategy};
-use failover_proxy::endpoint::{Endpoint, EndpointId};
+use failover_proxy::endpoint::Endpoint;
 use failover_proxy::health::{Outcome, Verdict};
 use failover_proxy::mock::MockUpstream;
-use failover_proxy::secret::Secret;
 use failover_proxy::server::Server;
 use failover_proxy::state::State;
 use serde_json::json;
@@ -83,19 +82,10 @@ impl AtomicHealth {
 fn endpoint_config(i: usize) -> EndpointConfig {
     let base_url = format!("http://127.0.0.1:9/bench-{i}");
     let api_key = format!("sk-bench-{i}-0123456789abcdef");
-    EndpointConfig {
-        id: EndpointId::derive(&base_url, &api_key),
-        name: format!("bench{i}"),
-        base_url,
-        api_key: Secret::new(api_key),
-        weight: 100,
-        priority: 1,
-        enabled: true,
-        max_failures: MAX_FAILURES,
-        timeout: Duration::from_secs(600),
-        ca_file: None,
-        proxy: None,
-    }
+    let mut config = EndpointConfig::with_defaults(&format!("bench{i}"), &base_url, &api_key)
+        .expect("a valid endpoint");
+    config.max_failures = MAX_FAILURES;
+    config
 }
 
 fn median(mut samples: Vec<f64>) -> f64 {

@@ -166,6 +166,31 @@ struct RawEndpoint {
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7860";
 
+impl EndpointConfig {
+    /// The endpoint a config naming only `name`, `base_url` and `api_key` gets: every
+    /// other field at its default, through the same validation (for tests and benches).
+    pub fn with_defaults(
+        name: &str,
+        base_url: &str,
+        api_key: &str,
+    ) -> Result<EndpointConfig, String> {
+        let raw = RawEndpoint {
+            name: Some(name.to_string()),
+            base_url: base_url.to_string(),
+            api_key: Some(api_key.to_string()),
+            api_key_env: None,
+            weight: None,
+            priority: None,
+            enabled: None,
+            max_failures: None,
+            timeout: None,
+            ca_file: None,
+            proxy: None,
+        };
+        validate_endpoint(0, raw, &|_| None)
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config, ConfigError> {

@@ -3,6 +3,8 @@
 //!
 //! Built from the same snapshots as the stats, so the two agree exactly after a run.
 
+use crate::endpoint::Endpoint;
+use crate::health::HealthStatus;
 use crate::state::State;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,46 +48,53 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
+/// One metric family: its HELP and TYPE lines, then a sample per (labels, value); empty
+/// labels write a bare sample.
+fn write_family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    family(out, name, kind, help);
+    for (labels, value) in samples {
+        if labels.is_empty() {
+            let _ = writeln!(out, "{name} {value}");
+        } else {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    }
+}
+
+fn bare(value: f64) -> Vec<(String, f64)> {
+    vec![(String::new(), value)]
+}
+
 pub fn render(state: &State) -> String {
     let mut out = String::with_capacity(4096);
     let c = &state.counters;
-    let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    family(
+    let load = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    write_family(
         &mut out,
         "failover_proxy_requests_total",
         "counter",
         "Client requests answered, by outcome (success: status below 400).",
+        &[
+            ("outcome=\"success\"".into(), load(&c.successful_requests)),
+            ("outcome=\"failure\"".into(), load(&c.failed_requests)),
+        ],
     );
-    let _ = writeln!(
-        out,
-        "failover_proxy_requests_total{{outcome=\"success\"}} {}",
-        load(&c.successful_requests)
-    );
-    let _ = writeln!(
-        out,
-        "failover_proxy_requests_total{{outcome=\"failure\"}} {}",
-        load(&c.failed_requests)
-    );
-    family(
+    write_family(
         &mut out,
         "failover_proxy_failovers_total",
         "counter",
         "Client requests answered by an endpoint other than the first one tried.",
+        &bare(load(&c.failovers)),
     );
-    let _ = writeln!(out, "failover_proxy_failovers_total {}", load(&c.failovers));
     endpoint_families(&mut out, state);
     queue_families(&mut out, state);
     duration_histogram(&mut out, &c.latency);
-    family(
+    write_family(
         &mut out,
         "failover_proxy_uptime_seconds",
         "gauge",
         "Seconds since the proxy started.",
-    );
-    let _ = writeln!(
-        out,
-        "failover_proxy_uptime_seconds {:.3}",
-        state.started.elapsed().as_secs_f64()
+        &bare(state.started.elapsed().as_secs_f64()),
     );
     out
 }
@@ -93,11 +102,7 @@ pub fn render(state: &State) -> String {
 fn endpoint_families(out: &mut String, state: &State) {
     let generation = state.current();
     let now = Instant::now();
-    let rows: Vec<(
-        String,
-        crate::health::HealthStatus,
-        &crate::endpoint::Endpoint,
-    )> = generation
+    let rows: Vec<(String, HealthStatus, &Endpoint)> = generation
         .endpoints
         .iter()
         .map(|e| {
@@ -105,113 +110,91 @@ fn endpoint_families(out: &mut String, state: &State) {
             (labels, e.health(), e.as_ref())
         })
         .collect();
-    family(
+    let per_endpoint = |value: &dyn Fn(&HealthStatus, &Endpoint) -> f64| -> Vec<(String, f64)> {
+        rows.iter()
+            .map(|(l, h, e)| (l.clone(), value(h, e)))
+            .collect()
+    };
+    let attempts: Vec<(String, f64)> = rows
+        .iter()
+        .flat_map(|(labels, h, _)| {
+            [
+                (
+                    format!("{labels},outcome=\"success\""),
+                    (h.total_requests - h.failed_requests) as f64,
+                ),
+                (
+                    format!("{labels},outcome=\"failure\""),
+                    h.failed_requests as f64,
+                ),
+            ]
+        })
+        .collect();
+    write_family(
         out,
         "failover_proxy_endpoint_attempts_total",
         "counter",
         "Upstream attempts recorded in an endpoint's health, by outcome.",
+        &attempts,
     );
-    for (labels, h, _) in &rows {
-        let _ = writeln!(
-            out,
-            "failover_proxy_endpoint_attempts_total{{{labels},outcome=\"success\"}} {}",
-            h.total_requests - h.failed_requests
-        );
-        let _ = writeln!(
-            out,
-            "failover_proxy_endpoint_attempts_total{{{labels},outcome=\"failure\"}} {}",
-            h.failed_requests
-        );
-    }
-    family(
+    write_family(
         out,
         "failover_proxy_endpoint_in_flight",
         "gauge",
         "Requests in flight to an endpoint right now.",
+        &per_endpoint(&|_, e| e.in_flight() as f64),
     );
-    for (labels, _, e) in &rows {
-        let _ = writeln!(
-            out,
-            "failover_proxy_endpoint_in_flight{{{labels}}} {}",
-            e.in_flight()
-        );
-    }
-    family(
+    write_family(
         out,
         "failover_proxy_endpoint_eligible",
         "gauge",
         "1 while an endpoint gets traffic (enabled, not queued, not cooling down).",
+        &per_endpoint(&|_, e| f64::from(u8::from(state.is_eligible(e, now)))),
     );
-    for (labels, _, e) in &rows {
-        let _ = writeln!(
-            out,
-            "failover_proxy_endpoint_eligible{{{labels}}} {}",
-            state.is_eligible(e, now) as u8
-        );
-    }
-    family(
+    write_family(
         out,
         "failover_proxy_endpoint_consecutive_failures",
         "gauge",
         "An endpoint's current run of failures.",
+        &per_endpoint(&|h, _| f64::from(h.consecutive_failures)),
     );
-    for (labels, h, _) in &rows {
-        let _ = writeln!(
-            out,
-            "failover_proxy_endpoint_consecutive_failures{{{labels}}} {}",
-            h.consecutive_failures
-        );
-    }
-    family(
+    write_family(
         out,
         "failover_proxy_endpoint_probes_total",
         "counter",
         "Recovery probes sent to an endpoint.",
+        &per_endpoint(&|_, e| e.probes() as f64),
     );
-    for (labels, _, e) in &rows {
-        let _ = writeln!(
-            out,
-            "failover_proxy_endpoint_probes_total{{{labels}}} {}",
-            e.probes()
-        );
-    }
 }
 
 fn queue_families(out: &mut String, state: &State) {
     let (queued, stats) = state.queue.snapshot();
-    family(
+    write_family(
         out,
         "failover_proxy_failure_queue_size",
         "gauge",
         "Endpoints in the failure queue now.",
+        &bare(queued.len() as f64),
     );
-    let _ = writeln!(out, "failover_proxy_failure_queue_size {}", queued.len());
-    family(
+    write_family(
         out,
         "failover_proxy_failure_queue_entries_total",
         "counter",
         "Entries into the failure queue (an endpoint already queued is not counted again).",
+        &bare(stats.total_failed as f64),
     );
-    let _ = writeln!(
-        out,
-        "failover_proxy_failure_queue_entries_total {}",
-        stats.total_failed
-    );
-    family(
+    write_family(
         out,
         "failover_proxy_probes_total",
         "counter",
         "Recovery probes of queued endpoints, by result.",
-    );
-    let _ = writeln!(
-        out,
-        "failover_proxy_probes_total{{result=\"recovered\"}} {}",
-        stats.total_recovered
-    );
-    let _ = writeln!(
-        out,
-        "failover_proxy_probes_total{{result=\"still_failed\"}} {}",
-        stats.total_still_failed
+        &[
+            ("result=\"recovered\"".into(), stats.total_recovered as f64),
+            (
+                "result=\"still_failed\"".into(),
+                stats.total_still_failed as f64,
+            ),
+        ],
     );
 }
 

@@ -57,7 +57,6 @@ mod models {
     use crate::failure_queue::{FailureQueue, QueueStats};
     use crate::health::{Outcome, Status, Verdict};
     use crate::recovery::Schedule;
-    use crate::secret::Secret;
     use loom::sync::Arc;
     use loom::thread;
     use std::time::{Duration, Instant};
@@ -68,21 +67,13 @@ mod models {
     /// An endpoint config with `max_failures`, and an agent that is never used: built once,
     /// outside the model, and cloned into each execution.
     pub(super) fn fixture(max_failures: u32) -> (EndpointConfig, ureq::Agent) {
-        let base_url = "http://127.0.0.1:9/loom".to_string();
-        let api_key = "sk-loom-0123456789abcdef".to_string();
-        let config = EndpointConfig {
-            id: EndpointId::derive(&base_url, &api_key),
-            name: "loom".into(),
-            base_url,
-            api_key: Secret::new(api_key),
-            weight: 100,
-            priority: 1,
-            enabled: true,
-            max_failures,
-            timeout: Duration::from_secs(600),
-            ca_file: None,
-            proxy: None,
-        };
+        let mut config = EndpointConfig::with_defaults(
+            "loom",
+            "http://127.0.0.1:9/loom",
+            "sk-loom-0123456789abcdef",
+        )
+        .expect("a valid endpoint");
+        config.max_failures = max_failures;
         (config, ureq::Agent::new_with_defaults())
     }
 

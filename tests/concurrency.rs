@@ -4,10 +4,9 @@
 
 use crate::support::*;
 use failover_proxy::config::{Config, EndpointConfig, Overrides};
-use failover_proxy::endpoint::{Endpoint, EndpointId};
+use failover_proxy::endpoint::Endpoint;
 use failover_proxy::health::Outcome;
 use failover_proxy::mock::{Fault, MockUpstream};
-use failover_proxy::secret::Secret;
 use failover_proxy::state::State;
 use serde_json::{Value, json};
 use std::sync::Barrier;
@@ -153,21 +152,12 @@ fn random_faults_from_32_threads_of_50_requests_count_exactly_per_endpoint_and_i
 }
 
 fn stress_endpoint() -> Endpoint {
-    let base_url = "http://127.0.0.1:9/health-stress".to_string();
-    let api_key = "sk-stress-key-0123456789abcdef".to_string();
-    let config = EndpointConfig {
-        id: EndpointId::derive(&base_url, &api_key),
-        name: "stress".into(),
-        base_url,
-        api_key: Secret::new(api_key),
-        weight: 100,
-        priority: 1,
-        enabled: true,
-        max_failures: 3,
-        timeout: Duration::from_secs(600),
-        ca_file: None,
-        proxy: None,
-    };
+    let config = EndpointConfig::with_defaults(
+        "stress",
+        "http://127.0.0.1:9/health-stress",
+        "sk-stress-key-0123456789abcdef",
+    )
+    .expect("a valid endpoint");
     Endpoint::new(config, ureq::Agent::new_with_defaults())
 }
 
