@@ -89,6 +89,12 @@ pub struct Config {
     pub model_override: Option<String>,
     pub access_tokens: Vec<Secret>,
     pub admin_token: Option<Secret>,
+    /// The longest wait for a whole request head (408, then close).
+    pub client_header_timeout: Duration,
+    /// The longest wait between two reads of a request body (408, then close).
+    pub client_body_timeout: Duration,
+    /// How long an idle kept-alive client connection stays open.
+    pub keepalive_timeout: Duration,
     pub endpoints: Vec<EndpointConfig>,
 }
 
@@ -136,6 +142,9 @@ struct RawConfig {
     model_override: Option<String>,
     access_tokens: Option<Vec<String>>,
     admin_token: Option<String>,
+    client_header_timeout: Option<f64>,
+    client_body_timeout: Option<f64>,
+    keepalive_timeout: Option<f64>,
     endpoints: Vec<RawEndpoint>,
 }
 
@@ -292,6 +301,17 @@ fn validate(
         model_override: raw.model_override,
         access_tokens,
         admin_token: raw.admin_token.map(Secret::new),
+        client_header_timeout: positive_seconds(
+            "client_header_timeout",
+            raw.client_header_timeout,
+            30.0,
+        )?,
+        client_body_timeout: positive_seconds(
+            "client_body_timeout",
+            raw.client_body_timeout,
+            60.0,
+        )?,
+        keepalive_timeout: positive_seconds("keepalive_timeout", raw.keepalive_timeout, 75.0)?,
         endpoints,
     })
 }

@@ -20,12 +20,30 @@ pub enum Framing {
 }
 
 /// The client side of one exchange: the raw writer and what the client can take.
+///
+/// A connection whose answer cannot be taken as complete must not be used again: an
+/// answer ended by the end of the connection, one that broke off, one never written (a
+/// panic unwinding past it) all close the connection, and a refused request closes it
+/// because its body was not read.
 pub struct ClientOut {
     writer: Box<dyn Write + Send>,
     /// An HTTP/1.0 client cannot read chunks.
     pub http10: bool,
     /// A HEAD request gets a head only.
     pub head_request: bool,
+    progress: Progress,
+    closer: Option<Box<dyn Fn() + Send>>,
+}
+
+/// How far the answer got.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Progress {
+    /// Nothing written yet.
+    Fresh,
+    /// The head went out; the body is not complete.
+    Started,
+    /// A complete answer.
+    Done,
 }
 
 /// A body being written: frames and flushes each piece.
@@ -40,6 +58,22 @@ impl ClientOut {
             writer,
             http10,
             head_request,
+            progress: Progress::Fresh,
+            closer: None,
+        }
+    }
+
+    /// `close` flushes what was written and ends the client connection.
+    pub fn with_closer(mut self, close: Box<dyn Fn() + Send>) -> ClientOut {
+        self.closer = Some(close);
+        self
+    }
+
+    /// Ends the connection after what was written: no further request is read from it.
+    pub fn close(&mut self) {
+        let _client_may_be_gone = self.writer.flush();
+        if let Some(close) = &self.closer {
+            close();
         }
     }
 
@@ -61,6 +95,7 @@ impl ClientOut {
         headers: &[(&str, &[u8])],
         framing: Framing,
     ) -> io::Result<BodySink<'_>> {
+        self.progress = Progress::Started;
         let framing = if self.head_request && framing != Framing::NoBody {
             // Keep the length a GET would have had, send no body.
             self.write_head(status, headers, framing)?;
@@ -130,26 +165,49 @@ impl BodySink<'_> {
         w.flush()
     }
 
-    /// Ends the body cleanly.
+    /// Ends the body cleanly; a body that only the end of the connection delimits gets it.
     pub fn finish(self) -> io::Result<()> {
         if self.framing == Framing::Chunked {
             self.out.writer.write_all(b"0\r\n\r\n")?;
         }
-        self.out.writer.flush()
+        self.out.writer.flush()?;
+        self.out.progress = Progress::Done;
+        if self.framing == Framing::Close {
+            self.out.close();
+        }
+        Ok(())
     }
 
     /// Ends the body so the client cannot take it for complete: a chunked body gets a
     /// malformed chunk line (HTTP/1.1 has no other in-band way to say "broken"), so the
     /// client reports an error instead of waiting.
     pub fn abort(self) -> io::Result<()> {
-        if self.framing == Framing::Chunked {
-            self.out.writer.write_all(b"!\r\n")?;
-        }
-        self.out.writer.flush()
+        let written = match self.framing {
+            Framing::Chunked => self.out.writer.write_all(b"!\r\n"),
+            _ => Ok(()),
+        };
+        self.out.close();
+        written
     }
 
     pub fn framing(&self) -> Framing {
         self.framing
+    }
+}
+
+impl Drop for ClientOut {
+    /// An answer left incomplete (a panic, a write error, a broken body) ends the
+    /// connection; one never begun gets a 500 first, so the client is not left waiting.
+    fn drop(&mut self) {
+        match self.progress {
+            Progress::Done => {}
+            Progress::Started => self.close(),
+            Progress::Fresh => {
+                let body = error_body("api_error", "the proxy failed to answer this request");
+                let _client_may_be_gone = self.send(500, "application/json", &body);
+                self.close();
+            }
+        }
     }
 }
 

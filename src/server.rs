@@ -9,19 +9,21 @@
 use crate::admin;
 use crate::config::Config;
 use crate::forward::{self, send_error};
-use crate::http_out::ClientOut;
+use crate::http_out::{ClientOut, error_body};
 use crate::recovery::RecoveryThread;
 use crate::state::State;
 use crate::upstream::ClientRequest;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 use log::{debug, error, info, warn};
-use std::io::Read;
+use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+use ureq::http::uri::PathAndQuery;
 use ureq::http::{HeaderName, HeaderValue, Method};
 
 /// How long a shutdown waits for in-flight requests before it exits anyway.
@@ -42,7 +44,8 @@ impl Server {
     pub fn start(state: Arc<State>) -> Result<Server, String> {
         let generation = state.current();
         let listen = generation.config.listen;
-        let http = bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let http =
+            bind(&generation.config).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let addr = http
             .server_addr()
             .to_ip()
@@ -109,10 +112,39 @@ impl Server {
 /// Binds with TCP_NODELAY set on the listening socket, so every accepted connection has
 /// it: a streamed event is one small write, and Nagle's algorithm would hold it back until
 /// the previous one was acknowledged (up to 40 ms with delayed ACKs).
-fn bind(listen: SocketAddr) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
-    let listener = std::net::TcpListener::bind(listen)?;
+fn bind(config: &Config) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
+    let listener = std::net::TcpListener::bind(config.listen)?;
     socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
-    tiny_http::Server::from_listener(listener, None)
+    tiny_http::Server::from_listener_with_limits(listener, None, limits(config))
+}
+
+/// What a client connection may send before any of our code sees a request (contract
+/// rule 8; the vendored tiny_http enforces it and answers in Anthropic's error shape).
+fn limits(config: &Config) -> tiny_http::Limits {
+    tiny_http::Limits {
+        max_head_bytes: MAX_HEAD_BYTES,
+        max_header_fields: MAX_HEADER_FIELDS,
+        header_timeout: Some(config.client_header_timeout),
+        body_timeout: Some(config.client_body_timeout),
+        keepalive_timeout: Some(config.keepalive_timeout),
+        error_body: |status, message| ("application/json", error_body(error_kind(status), message)),
+    }
+}
+
+/// The request line and headers together, line ends included.
+pub const MAX_HEAD_BYTES: usize = 64 * 1024;
+pub const MAX_HEADER_FIELDS: usize = 100;
+
+/// Anthropic's error type for a status the proxy answers itself.
+fn error_kind(status: u16) -> &'static str {
+    match status {
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        400..=499 => "invalid_request_error",
+        _ => "api_error",
+    }
 }
 
 impl Server {
@@ -167,28 +199,34 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64) {
     let remote = request.remote_addr().copied();
     let http10 = request.http_version() == &tiny_http::HTTPVersion(1, 0);
     let head = request.method() == &tiny_http::Method::Head;
-    let path = request.url().to_string();
-    let method = request.method().as_str().to_string();
+    // Quoted in log lines: the client chose these bytes.
+    let line = format!("{} {:?}", request.method().as_str(), request.url());
     // One generation for the whole request: a reload in the middle does not split it.
     let generation = state.current();
-    let parsed = parse_request(&generation.config, &mut request);
-    let mut out = ClientOut::new(request.into_writer(), http10, head);
-    let request = match parsed {
+    let config = &generation.config;
+    let connection = request.connection();
+    let checked = check_head(config, &request).and_then(|mut head| {
+        if !admin::is_admin_path(&head.target) {
+            check_access(config, &head).map_err(|m| (401, "authentication_error", m.into()))?;
+        }
+        head.body = read_body(config, &mut request)?;
+        Ok(head)
+    });
+    let mut out = ClientOut::new(request.into_writer(), http10, head)
+        .with_closer(Box::new(move || connection.iter().for_each(|c| c.close())));
+    let request = match checked {
         Ok(r) => r,
         Err((status, kind, message)) => {
             send_error(&mut out, status, kind, &message);
-            info!("#{id} {method} {path} → {status} ({message})");
+            // The body may be unread: what follows on the connection is not a request.
+            out.close();
+            info!("#{id} {line} → {status} ({message})");
             return;
         }
     };
     if admin::is_admin_path(&request.target) {
         let status = admin::serve(state, &request, remote, &mut out);
-        debug!("#{id} {method} {path} → {status} (admin)");
-        return;
-    }
-    if let Err(message) = check_access(&generation.config, &request) {
-        send_error(&mut out, 401, "authentication_error", message);
-        info!("#{id} {method} {path} → 401 ({message})");
+        debug!("#{id} {line} → {status} (admin)");
         return;
     }
     let served = forward::forward(state, &generation, &request, &mut out);
@@ -198,7 +236,7 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64) {
         .map(|e| e.to_string())
         .unwrap_or_else(|| "-".into());
     info!(
-        "#{id} {method} {path} → {} via {endpoint} after {} attempt(s) in {} ms",
+        "#{id} {line} → {} via {endpoint} after {} attempt(s) in {} ms",
         served.status,
         served.attempts,
         started.elapsed().as_millis()
@@ -207,73 +245,91 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64) {
 
 type Rejection = (u16, &'static str, String);
 
-/// Reads the request whole (bounded by `max_body_bytes`) and checks it is one we can
-/// forward: 413 for a body too large, 400 for anything malformed; neither reaches an
-/// upstream.
-fn parse_request(
-    config: &Config,
-    request: &mut tiny_http::Request,
-) -> Result<ClientRequest, Rejection> {
+/// The request head as the upstream request will carry it (body still unread): 400 for a
+/// target, method or header the upstream request could not carry, 413 for a declared
+/// body larger than `max_body_bytes`. None of these reaches an upstream.
+fn check_head(config: &Config, request: &tiny_http::Request) -> Result<ClientRequest, Rejection> {
     let bad = |message: String| (400, "invalid_request_error", message);
     let target = request.url().to_string();
-    if !target.starts_with('/') {
-        return Err(bad(format!(
-            "the request target must be a path, got {target:?}"
-        )));
+    if !target.starts_with('/') || PathAndQuery::from_str(&target).is_err() {
+        return Err(bad(
+            "the request target is not a valid path and query".into()
+        ));
     }
     let method = Method::from_bytes(request.method().as_str().as_bytes())
         .map_err(|_| bad("the request method is not valid".into()))?;
     let mut headers = Vec::with_capacity(request.headers().len());
     for h in request.headers() {
         let name = HeaderName::from_bytes(h.field.as_str().as_str().as_bytes())
-            .map_err(|_| bad(format!("header name {:?} is not valid", h.field.as_str())))?;
+            .map_err(|_| bad("a header name is not valid".into()))?;
         let value = HeaderValue::from_bytes(h.value.as_str().as_bytes())
             .map_err(|_| bad(format!("the value of header {name} is not valid")))?;
         headers.push((name, value));
     }
-    let mut body = read_body(request, config.max_body_bytes)?;
-    if let Some(model) = &config.model_override {
-        crate::rewrite::override_model(&mut body, model);
+    if request
+        .body_length()
+        .is_some_and(|n| n > config.max_body_bytes)
+    {
+        return Err(too_large(config.max_body_bytes));
     }
     Ok(ClientRequest {
         method,
         target,
         headers,
-        body,
+        body: Vec::new(),
     })
 }
 
-fn read_body(request: &mut tiny_http::Request, max: usize) -> Result<Vec<u8>, Rejection> {
-    let too_large = || {
-        (
-            413,
-            "request_too_large",
-            format!("the request body is larger than max_body_bytes ({max} bytes)"),
-        )
-    };
-    if request.body_length().is_some_and(|n| n > max) {
-        return Err(too_large());
+fn too_large(max: usize) -> Rejection {
+    (
+        413,
+        "request_too_large",
+        format!("the request body is larger than max_body_bytes ({max} bytes)"),
+    )
+}
+
+/// How much of the body one read asks for: the buffer grows with what arrives, never
+/// with what the client claims.
+const BODY_PIECE: usize = 64 * 1024;
+
+/// Reads the body in bounded pieces (each read bounded by `client_body_timeout` on the
+/// socket): 413 past `max_body_bytes`, 408 for a client that stalls, 400 for a body that
+/// breaks off or a malformed chunk. `model_override` applies here.
+fn read_body(config: &Config, request: &mut tiny_http::Request) -> Result<Vec<u8>, Rejection> {
+    let max = config.max_body_bytes;
+    let mut body = Vec::with_capacity(request.body_length().unwrap_or(0).min(BODY_PIECE));
+    let reader = request.as_reader();
+    let mut piece = [0u8; 8192];
+    loop {
+        let n = match reader.read(&mut piece) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err((
+                    408,
+                    "invalid_request_error",
+                    "the request body stalled for longer than client_body_timeout".into(),
+                ));
+            }
+            Err(e) => {
+                let message = format!("cannot read the request body: {e}");
+                return Err((400, "invalid_request_error", message));
+            }
+        };
+        if body.len() + n > max {
+            return Err(too_large(max));
+        }
+        body.extend_from_slice(&piece[..n]);
     }
-    let mut body = Vec::with_capacity(request.body_length().unwrap_or(0));
-    request
-        .as_reader()
-        .take(max as u64 + 1)
-        .read_to_end(&mut body)
-        .map_err(|e| {
-            (
-                400,
-                "invalid_request_error",
-                format!("cannot read the request body: {e}"),
-            )
-        })?;
-    if body.len() > max {
-        return Err(too_large());
+    if let Some(model) = &config.model_override {
+        crate::rewrite::override_model(&mut body, model);
     }
     Ok(body)
 }
 
 /// Rule 2: with `access_tokens` set, the client must present one as `x-api-key` or
-/// `Authorization: Bearer`.
+/// `Authorization: Bearer`. Checked from the head, before any body byte is read.
 fn check_access(config: &Config, request: &ClientRequest) -> Result<(), &'static str> {
     let tokens = &config.access_tokens;
     if tokens.is_empty() {

@@ -1,13 +1,16 @@
 use ascii::AsciiString;
 
-use std::io::Error as IoError;
 use std::io::Result as IoResult;
-use std::io::{BufReader, BufWriter, ErrorKind, Read};
+use std::io::{BufRead, BufReader, BufWriter, ErrorKind, Read, Write};
 
 use std::net::SocketAddr;
-use std::str::FromStr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use crate::common::{HTTPVersion, Method};
+use crate::common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
+use crate::limits::{ConnState, Limits};
+use crate::request::{parse_content_length, RequestCreationError};
 use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
 use crate::Request;
@@ -34,37 +37,58 @@ pub struct ClientConnection {
 
     // true if the connection goes through SSL
     secure: bool,
+
+    limits: Arc<Limits>,
+
+    // what the requests of this connection tell this thread (a body left unread, a close)
+    state: Arc<ConnState>,
+
+    // no request read yet: the head's wait counts from the connection's start
+    first: bool,
 }
 
-/// Error that can happen when reading a request.
-#[derive(Debug)]
-enum ReadError {
-    WrongRequestLine,
-    WrongHeader(HTTPVersion),
-    /// the client sent an unrecognized `Expect` header
-    ExpectationFailed(HTTPVersion),
-    ReadIoError(IoError),
+/// Why no request came out of a head.
+#[derive(Debug, PartialEq)]
+pub(crate) enum HeadError {
+    /// The client went away, or a kept-alive connection stayed idle too long: close
+    /// without an answer.
+    Closed,
+    /// Answer this status and message, then close.
+    Refused(u16, &'static str),
 }
+
+/// How long a refused connection keeps reading (and discarding) what the client still
+/// sends, so that closing with unread data does not reset the connection before the
+/// client has read the answer (nginx's lingering close, bounded).
+const LINGER: Duration = Duration::from_secs(2);
+/// Past this many discarded bytes, lingering stops once the answer is out.
+const LINGER_BYTES: usize = 1 << 20;
 
 impl ClientConnection {
     /// Creates a new `ClientConnection` that takes ownership of the `TcpStream`.
     pub fn new(
         write_socket: RefinedTcpStream,
         mut read_socket: RefinedTcpStream,
+        limits: Arc<Limits>,
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
 
-        let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(1024, read_socket));
+        let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(4096, read_socket));
         let first_header = source.next().unwrap();
+        let sink = SequentialWriterBuilder::new(BufWriter::with_capacity(1024, write_socket));
+        let state = ConnState::new(Some(sink.shared()));
 
         ClientConnection {
             source,
-            sink: SequentialWriterBuilder::new(BufWriter::with_capacity(1024, write_socket)),
+            sink,
             remote_addr,
             next_header_source: first_header,
             no_more_requests: false,
             secure,
+            limits,
+            state,
+            first: true,
         }
     }
 
@@ -73,68 +97,33 @@ impl ClientConnection {
         self.secure
     }
 
-    /// Reads the next line from self.next_header_source.
-    ///
-    /// Reads until `CRLF` is reached. The next read will start
-    ///  at the first byte of the new line.
-    fn read_next_line(&mut self) -> IoResult<AsciiString> {
-        let mut buf = Vec::new();
-        let mut prev_byte_was_cr = false;
-
-        loop {
-            let byte = self.next_header_source.by_ref().bytes().next();
-
-            let byte = match byte {
-                Some(b) => b?,
-                None => return Err(IoError::new(ErrorKind::ConnectionAborted, "Unexpected EOF")),
-            };
-
-            if byte == b'\n' && prev_byte_was_cr {
-                buf.pop(); // removing the '\r'
-                return AsciiString::from_ascii(buf)
-                    .map_err(|_| IoError::new(ErrorKind::InvalidInput, "Header is not in ASCII"));
-            }
-
-            prev_byte_was_cr = byte == b'\r';
-
-            buf.push(byte);
+    /// Reads the next request head and makes it a `Request`; on a refusal, answers it and
+    /// lingers. `None`: the connection is done.
+    fn read(&mut self) -> Option<Request> {
+        let reader = self.next_header_source.turn();
+        if self.state.body_left.load(Ordering::SeqCst) {
+            linger(reader, &self.state);
+            return None;
         }
-    }
-
-    /// Reads a request from the stream.
-    /// Blocks until the header has been read.
-    fn read(&mut self) -> Result<Request, ReadError> {
-        let (method, path, version, headers) = {
-            // reading the request line
-            let (method, path, version) = {
-                let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
-
-                parse_request_line(
-                    line.as_str().trim(), // TODO: remove this conversion
-                )?
-            };
-
-            // getting all headers
-            let headers = {
-                let mut headers = Vec::new();
-                loop {
-                    let line = self.read_next_line().map_err(ReadError::ReadIoError)?;
-
-                    if line.is_empty() {
-                        break;
-                    };
-                    headers.push(match FromStr::from_str(line.as_str().trim()) {
-                        // TODO: remove this conversion
-                        Ok(h) => h,
-                        _ => return Err(ReadError::WrongHeader(version)),
-                    });
-                }
-
-                headers
-            };
-
-            (method, path, version, headers)
+        if self.no_more_requests || self.state.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let head = read_head(reader, &self.limits, self.first)
+            .and_then(|head| check_framing(&head).map(|_| head));
+        self.first = false;
+        let head = match head {
+            Ok(head) => head,
+            Err(HeadError::Closed) => return None,
+            Err(HeadError::Refused(status, message)) => {
+                refuse(&mut self.sink, &self.state, &self.limits, status, message);
+                linger(reader, &self.state);
+                return None;
+            }
         };
+        reader
+            .get_ref()
+            .set_read_timeout(self.limits.body_timeout)
+            .ok();
 
         // building the writer for the request
         let writer = self.sink.next().unwrap();
@@ -143,29 +132,31 @@ impl ClientConnection {
         let mut data_source = self.source.next().unwrap();
         std::mem::swap(&mut self.next_header_source, &mut data_source);
 
-        // building the next reader
         let request = crate::request::new_request(
             self.secure,
-            method,
-            path,
-            version.clone(),
-            headers,
+            head.method,
+            head.target,
+            head.version,
+            head.headers,
             *self.remote_addr.as_ref().unwrap(),
             data_source,
             writer,
-        )
-        .map_err(|e| {
-            use crate::request;
-            match e {
-                request::RequestCreationError::CreationIoError(e) => ReadError::ReadIoError(e),
-                request::RequestCreationError::ExpectationFailed => {
-                    ReadError::ExpectationFailed(version)
-                }
+            Some(self.state.clone()),
+        );
+        match request {
+            Ok(request) => Some(request),
+            Err(RequestCreationError::ExpectationFailed) => {
+                refuse(
+                    &mut self.sink,
+                    &self.state,
+                    &self.limits,
+                    417,
+                    "the only expectation supported is 100-continue",
+                );
+                None
             }
-        })?;
-
-        // return the request
-        Ok(request)
+            Err(RequestCreationError::CreationIoError(_)) => None,
+        }
     }
 }
 
@@ -175,135 +166,461 @@ impl Iterator for ClientConnection {
     /// Blocks until the next Request is available.
     /// Returns None when no new Requests will come from the client.
     fn next(&mut self) -> Option<Request> {
-        use crate::{Response, StatusCode};
+        let rq = self.read()?;
 
-        // the client sent a "connection: close" header in this previous request
-        //  or is using HTTP 1.0, meaning that no new request will come
-        if self.no_more_requests {
-            return None;
-        }
+        // updating the status of the connection
+        let connection_header = rq
+            .headers()
+            .iter()
+            .find(|h| h.field.equiv("Connection"))
+            .map(|h| h.value.as_str());
 
-        loop {
-            let rq = match self.read() {
-                Err(ReadError::WrongRequestLine) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
+        let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
 
-                Err(ReadError::WrongHeader(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(400));
-                    response.raw_print(writer, ver, &[], false, None).ok();
-                    return None; // we don't know where the next request would start,
-                                 // se we have to close
-                }
-
-                Err(ReadError::ReadIoError(ref err)) if err.kind() == ErrorKind::TimedOut => {
-                    // request timeout
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(408));
-                    response
-                        .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                        .ok();
-                    return None; // closing the connection
-                }
-
-                Err(ReadError::ExpectationFailed(ver)) => {
-                    let writer = self.sink.next().unwrap();
-                    let response = Response::new_empty(StatusCode(417));
-                    response.raw_print(writer, ver, &[], true, None).ok();
-                    return None; // TODO: should be recoverable, but needs handling in case of body
-                }
-
-                Err(ReadError::ReadIoError(_)) => return None,
-
-                Ok(rq) => rq,
-            };
-
-            // checking HTTP version
-            if *rq.http_version() > (1, 1) {
-                let writer = self.sink.next().unwrap();
-                let response = Response::from_string(
-                    "This server only supports HTTP versions 1.0 and 1.1".to_owned(),
-                )
-                .with_status_code(StatusCode(505));
-                response
-                    .raw_print(writer, HTTPVersion(1, 1), &[], false, None)
-                    .ok();
-                continue;
+        match lowercase {
+            Some(ref val) if val.contains("close") => self.no_more_requests = true,
+            Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
+            Some(ref val)
+                if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
+            {
+                self.no_more_requests = true
             }
+            None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
+            _ => (),
+        };
 
-            // updating the status of the connection
-            let connection_header = rq
-                .headers()
-                .iter()
-                .find(|h| h.field.equiv("Connection"))
-                .map(|h| h.value.as_str());
+        // returning the request
+        Some(rq)
+    }
+}
 
-            let lowercase = connection_header.map(|h| h.to_ascii_lowercase());
+/// Writes an answer of the connection thread's own, then ends the stream.
+fn refuse(
+    sink: &mut SequentialWriterBuilder<BufWriter<RefinedTcpStream>>,
+    state: &ConnState,
+    limits: &Limits,
+    status: u16,
+    message: &str,
+) {
+    let (content_type, body) = (limits.error_body)(status, message);
+    let head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        StatusCode(status).default_reason_phrase(),
+        body.len()
+    );
+    let mut writer = sink.next().unwrap();
+    let written = writer
+        .write_all(head.as_bytes())
+        .and_then(|_| writer.write_all(&body))
+        .and_then(|_| writer.flush());
+    drop(writer);
+    let _client_may_be_gone = written;
+    state.close();
+}
 
-            match lowercase {
-                Some(ref val) if val.contains("close") => self.no_more_requests = true,
-                Some(ref val) if val.contains("upgrade") => self.no_more_requests = true,
-                Some(ref val)
-                    if !val.contains("keep-alive") && *rq.http_version() == HTTPVersion(1, 0) =>
-                {
-                    self.no_more_requests = true
-                }
-                None if *rq.http_version() == HTTPVersion(1, 0) => self.no_more_requests = true,
-                _ => (),
-            };
-
-            // returning the request
-            return Some(rq);
+/// Reads and discards what the client still sends, until it closes, for at most `LINGER`
+/// (and `LINGER_BYTES` once the answer is out).
+fn linger(reader: &mut BufReader<RefinedTcpStream>, state: &ConnState) {
+    let deadline = Instant::now() + LINGER;
+    let mut discarded = reader.buffer().len();
+    reader.consume(discarded);
+    let mut scratch = [0u8; 8192];
+    loop {
+        if discarded >= LINGER_BYTES && state.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        let wait = deadline.saturating_duration_since(Instant::now());
+        if wait.is_zero() || reader.get_ref().set_read_timeout(Some(wait)).is_err() {
+            return;
+        }
+        match reader.get_mut().read(&mut scratch) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => discarded += n,
         }
     }
 }
 
-/// Parses a "HTTP/1.1" string.
-fn parse_http_version(version: &str) -> Result<HTTPVersion, ReadError> {
-    let (major, minor) = match version {
-        "HTTP/0.9" => (0, 9),
-        "HTTP/1.0" => (1, 0),
-        "HTTP/1.1" => (1, 1),
-        "HTTP/2.0" => (2, 0),
-        "HTTP/3.0" => (3, 0),
-        _ => return Err(ReadError::WrongRequestLine),
-    };
-
-    Ok(HTTPVersion(major, minor))
+/// A parsed request head.
+pub(crate) struct Head {
+    pub(crate) method: Method,
+    pub(crate) target: String,
+    pub(crate) version: HTTPVersion,
+    pub(crate) headers: Vec<Header>,
 }
 
-/// Parses the request line of the request.
-/// eg. GET / HTTP/1.1
-fn parse_request_line(line: &str) -> Result<(Method, String, HTTPVersion), ReadError> {
-    let mut parts = line.split(' ');
+/// Reads one request head within `limits`: the wait for its first byte is the keep-alive
+/// wait (the header wait on a new connection), the rest must come within the header wait.
+fn read_head(
+    reader: &mut BufReader<RefinedTcpStream>,
+    limits: &Limits,
+    first: bool,
+) -> Result<Head, HeadError> {
+    let idle_wait = if first {
+        limits.header_timeout
+    } else {
+        limits.keepalive_timeout
+    };
+    let mut deadline = idle_wait.map(|wait| Instant::now() + wait);
+    if reader.buffer().is_empty() {
+        match fill(reader, deadline) {
+            Err(HeadError::Refused(408, _)) if !first => return Err(HeadError::Closed),
+            other => other?,
+        }
+        if !first {
+            deadline = limits.header_timeout.map(|wait| Instant::now() + wait);
+        }
+    }
+    let mut left = limits.max_head_bytes;
+    let mut next_line =
+        |reader: &mut BufReader<RefinedTcpStream>| read_line(reader, &mut left, deadline);
+    let mut line = next_line(reader)?;
+    // RFC 9112 2.2: empty lines before a request line are ignored (the budget bounds them).
+    while line.is_empty() {
+        line = next_line(reader)?;
+    }
+    let (method, target, version) = parse_request_line(&line)?;
+    let mut headers = Vec::new();
+    loop {
+        let line = next_line(reader)?;
+        if line.is_empty() {
+            break;
+        }
+        if headers.len() == limits.max_header_fields {
+            return Err(HeadError::Refused(
+                431,
+                "the request has too many header fields",
+            ));
+        }
+        headers.push(parse_header_line(&line)?);
+    }
+    Ok(Head {
+        method,
+        target,
+        version,
+        headers,
+    })
+}
 
-    let method = parts.next().and_then(|w| w.parse().ok());
-    let path = parts.next().map(ToOwned::to_owned);
-    let version = parts.next().and_then(|w| parse_http_version(w).ok());
+/// Waits for bytes in the read buffer until `deadline`.
+fn fill(
+    reader: &mut BufReader<RefinedTcpStream>,
+    deadline: Option<Instant>,
+) -> Result<(), HeadError> {
+    let timed_out = HeadError::Refused(408, "the request head did not arrive in time");
+    loop {
+        let wait = match deadline {
+            Some(deadline) => match deadline.checked_duration_since(Instant::now()) {
+                Some(wait) if !wait.is_zero() => Some(wait),
+                _ => return Err(timed_out),
+            },
+            None => None,
+        };
+        if reader.get_ref().set_read_timeout(wait).is_err() {
+            return Err(HeadError::Closed);
+        }
+        match reader.fill_buf() {
+            Ok([]) => return Err(HeadError::Closed),
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return Err(timed_out)
+            }
+            Err(_) => return Err(HeadError::Closed),
+        }
+    }
+}
 
-    method
-        .and_then(|method| Some((method, path?, version?)))
-        .ok_or(ReadError::WrongRequestLine)
+/// Reads one line (ended by LF, with or without CR before it) without its line end,
+/// counting it against `left`.
+fn read_line(
+    reader: &mut BufReader<RefinedTcpStream>,
+    left: &mut usize,
+    deadline: Option<Instant>,
+) -> Result<Vec<u8>, HeadError> {
+    let mut line = Vec::new();
+    loop {
+        if reader.buffer().is_empty() {
+            fill(reader, deadline)?;
+        }
+        let available = reader.buffer();
+        let end = available.iter().position(|&b| b == b'\n');
+        let take = end.map_or(available.len(), |i| i + 1);
+        if take > *left {
+            return Err(HeadError::Refused(
+                431,
+                "the request head is larger than 64 KiB",
+            ));
+        }
+        *left -= take;
+        line.extend_from_slice(&available[..take]);
+        reader.consume(take);
+        if end.is_some() {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(line);
+        }
+    }
+}
+
+/// RFC 9110 5.6.2: the characters of a method or a header name.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// `METHOD SP TARGET SP HTTP/x.y`, nothing more: no control character, no second space.
+fn parse_request_line(line: &[u8]) -> Result<(Method, String, HTTPVersion), HeadError> {
+    let bad = HeadError::Refused(400, "the request line is malformed");
+    if !line.iter().all(|&b| b.is_ascii_graphic() || b == b' ') {
+        return Err(bad);
+    }
+    let text = std::str::from_utf8(line)
+        .map_err(|_| HeadError::Refused(400, "the request line is malformed"))?;
+    let mut parts = text.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad);
+    };
+    if method.is_empty() || !method.bytes().all(is_tchar) || target.is_empty() {
+        return Err(bad);
+    }
+    let method = method
+        .parse()
+        .map_err(|_| HeadError::Refused(400, "the request line is malformed"))?;
+    Ok((method, target.to_owned(), parse_http_version(version)?))
+}
+
+/// `name: value`: the name a token right before the colon, the value visible ASCII,
+/// spaces and tabs; no folded continuation lines.
+fn parse_header_line(line: &[u8]) -> Result<Header, HeadError> {
+    let bad = HeadError::Refused(400, "a header line is malformed");
+    let colon = line
+        .iter()
+        .position(|&b| b == b':')
+        .ok_or(HeadError::Refused(400, "a header line is malformed"))?;
+    let name = &line[..colon];
+    if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+        return Err(bad);
+    }
+    let is_space = |b: &u8| *b == b' ' || *b == b'\t';
+    let value = &line[colon + 1..];
+    let start = value
+        .iter()
+        .position(|b| !is_space(b))
+        .unwrap_or(value.len());
+    let end = value
+        .iter()
+        .rposition(|b| !is_space(b))
+        .map_or(start, |i| i + 1);
+    let value = &value[start..end];
+    if !value
+        .iter()
+        .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        return Err(HeadError::Refused(
+            400,
+            "a header value has a character that is not allowed",
+        ));
+    }
+    let field = HeaderField::from_bytes(name.to_vec())
+        .map_err(|_| HeadError::Refused(400, "a header line is malformed"))?;
+    let value = AsciiString::from_ascii(value.to_vec())
+        .map_err(|_| HeadError::Refused(400, "a header line is malformed"))?;
+    Ok(Header { field, value })
+}
+
+/// The body's framing must be unambiguous (request smuggling): one `content-length`
+/// that is a plain decimal, or `transfer-encoding: chunked` alone (HTTP/1.1 only).
+pub(crate) fn check_framing(head: &Head) -> Result<(), HeadError> {
+    let named = |name: &'static str| {
+        head.headers
+            .iter()
+            .filter(move |h| h.field.equiv(name))
+            .collect::<Vec<_>>()
+    };
+    let lengths = named("Content-Length");
+    let encodings = named("Transfer-Encoding");
+    if !encodings.is_empty() {
+        if head.version == HTTPVersion(1, 0) {
+            return Err(HeadError::Refused(
+                400,
+                "transfer-encoding is not allowed in HTTP/1.0",
+            ));
+        }
+        if !lengths.is_empty() {
+            return Err(HeadError::Refused(
+                400,
+                "content-length and transfer-encoding must not come together",
+            ));
+        }
+        if encodings.len() > 1 || !encodings[0].value.as_str().eq_ignore_ascii_case("chunked") {
+            return Err(HeadError::Refused(
+                501,
+                "the only transfer-encoding supported is chunked",
+            ));
+        }
+    }
+    match lengths.as_slice() {
+        [] => Ok(()),
+        [one] if parse_content_length(one.value.as_str()).is_some() => Ok(()),
+        [_] => Err(HeadError::Refused(
+            400,
+            "content-length must be a decimal number",
+        )),
+        _ => Err(HeadError::Refused(400, "content-length must be given once")),
+    }
+}
+
+/// `HTTP/1.0` and `HTTP/1.1`; another `HTTP/d.d` is 505, anything else 400.
+fn parse_http_version(version: &str) -> Result<HTTPVersion, HeadError> {
+    match version {
+        "HTTP/1.0" => Ok(HTTPVersion(1, 0)),
+        "HTTP/1.1" => Ok(HTTPVersion(1, 1)),
+        _ => {
+            let b = version.as_bytes();
+            let shaped = b.len() == 8
+                && version.starts_with("HTTP/")
+                && b[5].is_ascii_digit()
+                && b[6] == b'.'
+                && b[7].is_ascii_digit();
+            if shaped {
+                Err(HeadError::Refused(
+                    505,
+                    "only HTTP/1.0 and HTTP/1.1 are supported",
+                ))
+            } else {
+                Err(HeadError::Refused(400, "the request line is malformed"))
+            }
+        }
+    }
 }
 
 #[cfg(test)]
 mod test {
+    use super::{check_framing, parse_header_line, parse_request_line, Head, HeadError};
+    use crate::common::HTTPVersion;
+
     #[test]
-    fn test_parse_request_line() {
-        let (method, path, ver) = super::parse_request_line("GET /hello HTTP/1.1").unwrap();
-
+    fn request_lines_are_strict() {
+        let (method, path, ver) = parse_request_line(b"GET /hello HTTP/1.1").unwrap();
         assert!(method == crate::Method::Get);
-        assert!(path == "/hello");
-        assert!(ver == crate::common::HTTPVersion(1, 1));
+        assert_eq!(path, "/hello");
+        assert_eq!(ver, HTTPVersion(1, 1));
+        let bad = HeadError::Refused(400, "the request line is malformed");
+        for line in [
+            &b"GET /hello"[..],
+            b"qsd qsd qsd",
+            b"GET  /hello HTTP/1.1",
+            b"GET /a b HTTP/1.1",
+            b"GET /hello HTTP/1.1 ",
+            b"GET /a\rb HTTP/1.1",
+            b"GET /a\x00b HTTP/1.1",
+            b"G(T / HTTP/1.1",
+            b"GET / HTTP/0.9x",
+        ] {
+            assert_eq!(
+                parse_request_line(line).err(),
+                Some(bad_clone(&bad)),
+                "{:?}",
+                line
+            );
+        }
+        assert_eq!(
+            parse_request_line(b"GET / HTTP/2.0").err(),
+            Some(HeadError::Refused(
+                505,
+                "only HTTP/1.0 and HTTP/1.1 are supported"
+            ))
+        );
+    }
 
-        assert!(super::parse_request_line("GET /hello").is_err());
-        assert!(super::parse_request_line("qsd qsd qsd").is_err());
+    fn bad_clone(e: &HeadError) -> HeadError {
+        match e {
+            HeadError::Closed => HeadError::Closed,
+            HeadError::Refused(s, m) => HeadError::Refused(*s, m),
+        }
+    }
+
+    #[test]
+    fn header_lines_are_strict() {
+        let h = parse_header_line(b"Content-Type:  text/plain \t").unwrap();
+        assert_eq!(h.field.as_str().as_str(), "Content-Type");
+        assert_eq!(h.value.as_str(), "text/plain");
+        for line in [
+            &b"Content-Length : 5"[..],
+            b" folded: value",
+            b"\tfolded: value",
+            b"no colon",
+            b": empty name",
+            b"x-a: b\rc",
+            b"x-a: \xc3\xa9",
+        ] {
+            assert!(parse_header_line(line).is_err(), "{:?}", line);
+        }
+    }
+
+    fn head(version: HTTPVersion, lines: &[&[u8]]) -> Head {
+        Head {
+            method: crate::Method::Post,
+            target: "/".into(),
+            version,
+            headers: lines
+                .iter()
+                .map(|l| parse_header_line(l).unwrap())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn framing_must_be_unambiguous() {
+        let v11 = || HTTPVersion(1, 1);
+        let status = |h: Head| match check_framing(&h) {
+            Ok(()) => 0,
+            Err(HeadError::Refused(s, _)) => s,
+            Err(HeadError::Closed) => 1,
+        };
+        assert_eq!(status(head(v11(), &[b"content-length: 41"])), 0);
+        assert_eq!(status(head(v11(), &[b"content-length: 041"])), 0);
+        assert_eq!(status(head(v11(), &[b"transfer-encoding: Chunked"])), 0);
+        for cl in [
+            "0x29",
+            "+41",
+            "-1",
+            "4 1",
+            "41,41",
+            "",
+            "99999999999999999999999",
+        ] {
+            let line = format!("content-length: {cl}");
+            assert_eq!(status(head(v11(), &[line.as_bytes()])), 400, "{:?}", cl);
+        }
+        assert_eq!(
+            status(head(v11(), &[b"content-length: 4", b"content-length: 4"])),
+            400
+        );
+        assert_eq!(
+            status(head(
+                v11(),
+                &[b"content-length: 4", b"transfer-encoding: chunked"]
+            )),
+            400
+        );
+        assert_eq!(
+            status(head(v11(), &[b"transfer-encoding: gzip, chunked"])),
+            501
+        );
+        assert_eq!(
+            status(head(
+                v11(),
+                &[b"transfer-encoding: chunked", b"transfer-encoding: chunked"]
+            )),
+            501
+        );
+        assert_eq!(
+            status(head(HTTPVersion(1, 0), &[b"transfer-encoding: chunked"])),
+            400
+        );
     }
 }

@@ -3,10 +3,12 @@ use std::io::{self, Cursor, ErrorKind, Read, Write};
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::str::FromStr;
 
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 
+use crate::limits::{ConnState, ConnectionHandle};
 use crate::util::{EqualReader, FusedReader};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
 use chunked_transfer::Decoder;
@@ -74,6 +76,54 @@ pub struct Request {
 
     // If Some, a message must be sent after responding
     notify_when_responded: Option<Sender<()>>,
+
+    // the connection this request came on (None for a `TestRequest`)
+    connection: Option<Arc<ConnState>>,
+}
+
+/// A request body read from the connection: if it is dropped before its end, the
+/// connection is marked so that the rest is never taken for a request head.
+struct BodyReader<R> {
+    inner: R,
+    finished: bool,
+    connection: Option<Arc<ConnState>>,
+}
+
+impl<R> BodyReader<R> {
+    fn new(inner: R, connection: &Option<Arc<ConnState>>) -> BodyReader<R> {
+        BodyReader {
+            inner,
+            finished: false,
+            connection: connection.clone(),
+        }
+    }
+}
+
+impl<R: Read> Read for BodyReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            self.finished = true;
+        }
+        Ok(n)
+    }
+}
+
+impl<R> Drop for BodyReader<R> {
+    fn drop(&mut self) {
+        if let Some(connection) = self.connection.as_ref().filter(|_| !self.finished) {
+            connection.body_left.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+/// `content-length`'s value: one or more ASCII digits and nothing else (Rust's own
+/// parser would take `+41`), within `usize`.
+pub(crate) fn parse_content_length(value: &str) -> Option<usize> {
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok()
 }
 
 struct NotifyOnDrop<R> {
@@ -135,6 +185,7 @@ pub fn new_request<R, W>(
     remote_addr: Option<SocketAddr>,
     mut source_data: R,
     writer: W,
+    connection: Option<Arc<ConnState>>,
 ) -> Result<Request, RequestCreationError>
 where
     R: Read + Send + 'static,
@@ -155,7 +206,7 @@ where
         headers
             .iter()
             .find(|h: &&Header| h.field.equiv("Content-Length"))
-            .and_then(|h| FromStr::from_str(h.value.as_str()).ok())
+            .and_then(|h| parse_content_length(h.value.as_str()))
     };
 
     // true if the client sent a `Expect: 100-continue` header
@@ -171,24 +222,9 @@ where
         }
     };
 
-    // true if the client sent a `Connection: upgrade` header
-    let connection_upgrade = {
-        match headers
-            .iter()
-            .find(|h: &&Header| h.field.equiv("Connection"))
-            .map(|h| h.value.as_str())
-        {
-            Some(v) if v.to_ascii_lowercase().contains("upgrade") => true,
-            _ => false,
-        }
-    };
-
     // we wrap `source_data` around a reading whose nature depends on the transfer-encoding and
     // content-length headers
-    let reader = if connection_upgrade {
-        // if we have a `Connection: upgrade`, always keeping the whole reader
-        Box::new(source_data) as Box<dyn Read + Send + 'static>
-    } else if let Some(content_length) = content_length {
+    let reader = if let Some(content_length) = content_length {
         if content_length == 0 {
             Box::new(io::empty()) as Box<dyn Read + Send + 'static>
         } else if content_length <= 1024 && !expects_continue {
@@ -212,13 +248,17 @@ where
 
             Box::new(Cursor::new(buffer)) as Box<dyn Read + Send + 'static>
         } else {
-            let (data_reader, _) = EqualReader::new(source_data, content_length); // TODO:
-            Box::new(FusedReader::new(data_reader)) as Box<dyn Read + Send + 'static>
+            let data_reader = EqualReader::new(source_data, content_length);
+            Box::new(BodyReader::new(FusedReader::new(data_reader), &connection))
+                as Box<dyn Read + Send + 'static>
         }
     } else if transfer_encoding.is_some() {
         // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
         // over the message (RFC2616 #3.6)
-        Box::new(FusedReader::new(Decoder::new(source_data))) as Box<dyn Read + Send + 'static>
+        Box::new(BodyReader::new(
+            FusedReader::new(Decoder::new(source_data)),
+            &connection,
+        )) as Box<dyn Read + Send + 'static>
     } else {
         // if we have neither a Content-Length nor a Transfer-Encoding,
         // assuming that we have no data
@@ -238,6 +278,7 @@ where
         body_length: content_length,
         must_send_continue: expects_continue,
         notify_when_responded: None,
+        connection,
     })
 }
 
@@ -278,6 +319,11 @@ impl Request {
     #[inline]
     pub fn body_length(&self) -> Option<usize> {
         self.body_length
+    }
+
+    /// The connection this request came on, to end it (None for a `TestRequest`).
+    pub fn connection(&self) -> Option<ConnectionHandle> {
+        self.connection.clone().map(ConnectionHandle)
     }
 
     /// Returns the address of the client that sent this request.

@@ -1,6 +1,7 @@
 use std::io::Result as IoResult;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::time::Duration;
 
 use crate::connection::Connection;
 #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
@@ -42,6 +43,14 @@ impl Stream {
             Stream::Http(tcp_stream) => tcp_stream.peer_addr(),
             #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
             Stream::Https(ssl_stream) => ssl_stream.peer_addr(),
+        }
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> IoResult<()> {
+        match self {
+            Stream::Http(connection) => connection.set_read_timeout(timeout),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => Ok(()),
         }
     }
 
@@ -120,6 +129,18 @@ impl RefinedTcpStream {
 
     pub(crate) fn peer_addr(&mut self) -> IoResult<Option<SocketAddr>> {
         self.stream.peer_addr()
+    }
+
+    /// Bounds every later read on this socket (both halves share it); a zero wait is
+    /// taken as the shortest one the socket allows.
+    pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> IoResult<()> {
+        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
+        self.stream.set_read_timeout(timeout)
+    }
+
+    /// Sends what was written, then end-of-stream: the client sees the answer end.
+    pub(crate) fn shutdown_write(&mut self) -> IoResult<()> {
+        self.stream.shutdown(Shutdown::Write)
     }
 }
 

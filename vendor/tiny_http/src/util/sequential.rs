@@ -95,6 +95,13 @@ impl<R: Read + Send> Iterator for SequentialReaderBuilder<R> {
     }
 }
 
+impl<W: Write + Send> SequentialWriterBuilder<W> {
+    /// The stream every writer of this sequence writes to.
+    pub fn shared(&self) -> Arc<Mutex<W>> {
+        self.writer.clone()
+    }
+}
+
 impl<W: Write + Send> Iterator for SequentialWriterBuilder<W> {
     type Item = SequentialWriter<W>;
     fn next(&mut self) -> Option<SequentialWriter<W>> {
@@ -107,6 +114,20 @@ impl<W: Write + Send> Iterator for SequentialWriterBuilder<W> {
             writer: self.writer.clone(),
             on_finish: tx,
         })
+    }
+}
+
+impl<R: Read + Send> SequentialReader<R> {
+    /// Waits until every reader before this one is dropped, then lends the stream.
+    pub fn turn(&mut self) -> &mut R {
+        if let SequentialReaderInner::Waiting(ref mut recv) = self.inner {
+            let reader = recv.recv().unwrap();
+            self.inner = SequentialReaderInner::MyTurn(reader);
+        }
+        match self.inner {
+            SequentialReaderInner::MyTurn(ref mut reader) => reader,
+            _ => unreachable!(),
+        }
     }
 }
 

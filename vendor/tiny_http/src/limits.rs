@@ -1,0 +1,88 @@
+//! Bounds on what one client connection may send, and the state a connection's requests
+//! share with the thread that reads it. Not in tiny_http 0.12: see vendor/README.md.
+
+use std::io::{BufWriter, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::util::RefinedTcpStream;
+
+/// What a client may send, and how slowly. Every answer the connection thread writes
+/// itself (400, 408, 413, 417, 431, 501, 505) closes the connection.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// The request line and header lines together, line ends included (431 beyond).
+    pub max_head_bytes: usize,
+    /// Header fields per request (431 beyond).
+    pub max_header_fields: usize,
+    /// The longest wait for a whole request head, from its first byte (from the
+    /// connection's start for the first request); 408 then close.
+    pub header_timeout: Option<Duration>,
+    /// The longest wait between two reads of a request body; the body read then fails
+    /// with `TimedOut` or `WouldBlock`.
+    pub body_timeout: Option<Duration>,
+    /// How long a kept-alive connection may stay idle before its next request; closed
+    /// silently after that.
+    pub keepalive_timeout: Option<Duration>,
+    /// The body of the answers written by the connection thread: (content type, body).
+    pub error_body: fn(status: u16, message: &str) -> (&'static str, Vec<u8>),
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_head_bytes: 64 * 1024,
+            max_header_fields: 100,
+            header_timeout: None,
+            body_timeout: None,
+            keepalive_timeout: None,
+            error_body: |_, message| ("text/plain", message.as_bytes().to_vec()),
+        }
+    }
+}
+
+pub(crate) type SharedWriter = Arc<Mutex<BufWriter<RefinedTcpStream>>>;
+
+/// What a connection's requests tell the thread that reads the connection.
+pub(crate) struct ConnState {
+    /// A request's body was dropped before its end: what follows on the socket is not a
+    /// request head, so the connection must close.
+    pub(crate) body_left: AtomicBool,
+    /// The handler ended the connection (`ConnectionHandle::close`).
+    pub(crate) closed: AtomicBool,
+    writer: Option<SharedWriter>,
+}
+
+impl ConnState {
+    pub(crate) fn new(writer: Option<SharedWriter>) -> Arc<ConnState> {
+        Arc::new(ConnState {
+            body_left: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+            writer,
+        })
+    }
+
+    /// Flushes what was written and sends end-of-stream.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::SeqCst);
+        if let Some(writer) = &self.writer {
+            let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
+            writer.flush().ok();
+            writer.get_mut().shutdown_write().ok();
+        }
+    }
+}
+
+/// Lets the handler of a request end its connection: after an answer whose end only the
+/// end of the connection marks, or one that could not be completed.
+#[derive(Clone)]
+pub struct ConnectionHandle(pub(crate) Arc<ConnState>);
+
+impl ConnectionHandle {
+    /// Flushes what was written, then ends the stream: the client sees the answer end,
+    /// and no further request is read from this connection.
+    pub fn close(&self) {
+        self.0.close();
+    }
+}
