@@ -66,7 +66,7 @@ impl Server {
                 std::thread::Builder::new()
                     .name(format!("worker-{i}"))
                     .spawn(move || {
-                        worker_loop(&http, &state, &stopping, &ids);
+                        worker_loop(&http, &state, &stopping, &ids, addr);
                         drop(done);
                     })
                     .map_err(|e| format!("cannot start worker threads: {e}"))
@@ -167,10 +167,16 @@ impl Server {
     }
 }
 
-fn worker_loop(http: &tiny_http::Server, state: &State, stopping: &AtomicBool, ids: &AtomicU64) {
+fn worker_loop(
+    http: &tiny_http::Server,
+    state: &State,
+    stopping: &AtomicBool,
+    ids: &AtomicU64,
+    listen: SocketAddr,
+) {
     loop {
         match http.recv() {
-            Ok(request) => serve_guarded(state, request, ids),
+            Ok(request) => serve_guarded(state, request, ids, listen),
             Err(_) if stopping.load(Ordering::SeqCst) => break,
             Err(e) => debug!("recv: {e}"),
         }
@@ -180,21 +186,22 @@ fn worker_loop(http: &tiny_http::Server, state: &State, stopping: &AtomicBool, i
     }
     // Requests tiny_http accepted before the stop are served, not dropped.
     while let Ok(Some(request)) = http.try_recv() {
-        serve_guarded(state, request, ids);
+        serve_guarded(state, request, ids, listen);
     }
 }
 
 /// A bug that panics while serving one request must not take a worker out of the pool:
 /// the client gets tiny_http's 500 (or a cut response), the worker goes on.
-fn serve_guarded(state: &State, request: tiny_http::Request, ids: &AtomicU64) {
+fn serve_guarded(state: &State, request: tiny_http::Request, ids: &AtomicU64, listen: SocketAddr) {
     let id = ids.fetch_add(1, Ordering::Relaxed);
-    let served = std::panic::catch_unwind(AssertUnwindSafe(|| serve_one(state, request, id)));
+    let served =
+        std::panic::catch_unwind(AssertUnwindSafe(|| serve_one(state, request, id, listen)));
     if served.is_err() {
         error!("#{id}: the worker panicked while serving this request");
     }
 }
 
-fn serve_one(state: &State, mut request: tiny_http::Request, id: u64) {
+fn serve_one(state: &State, mut request: tiny_http::Request, id: u64, listen: SocketAddr) {
     let started = Instant::now();
     let remote = request.remote_addr().copied();
     let http10 = request.http_version() == &tiny_http::HTTPVersion(1, 0);
@@ -206,7 +213,10 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64) {
     let config = &generation.config;
     let connection = request.connection();
     let checked = check_head(config, &request).and_then(|mut head| {
-        if !admin::is_admin_path(&head.target) {
+        if admin::is_admin_path(&head.target) {
+            admin::access(config, listen, remote, &head)
+                .map_err(|denied| (403, "permission_error", denied.0.into()))?;
+        } else {
             check_access(config, &head).map_err(|m| (401, "authentication_error", m.into()))?;
         }
         head.body = read_body(config, &mut request)?;
@@ -225,7 +235,7 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64) {
         }
     };
     if admin::is_admin_path(&request.target) {
-        let status = admin::serve(state, &request, remote, &mut out);
+        let status = admin::serve(state, &request, remote, listen, &mut out);
         debug!("#{id} {line} → {status} (admin)");
         return;
     }

@@ -111,7 +111,8 @@ impl std::io::Write for Shared {
 }
 
 fn admin_status(proxy: &Proxy, remote: &str, token: Option<&str>) -> u16 {
-    let mut headers = Vec::new();
+    let listen = proxy.url.strip_prefix("http://").unwrap();
+    let mut headers = vec![("host".parse().unwrap(), listen.parse().unwrap())];
     if let Some(t) = token {
         headers.push((
             "authorization".parse().unwrap(),
@@ -130,6 +131,7 @@ fn admin_status(proxy: &Proxy, remote: &str, token: Option<&str>) -> u16 {
         &proxy.state,
         &request,
         Some(remote.parse().unwrap()),
+        listen.parse().unwrap(),
         &mut out,
     );
     let written = String::from_utf8_lossy(&buffer.0.lock()).into_owned();
@@ -140,15 +142,16 @@ fn admin_status(proxy: &Proxy, remote: &str, token: Option<&str>) -> u16 {
     status
 }
 
-/// The admin API decides by the client's address: loopback, or the admin token.
+/// The admin API decides by the client's address: loopback, or the admin token (403
+/// otherwise; `admin_access.rs` has the checks of `Host` and `Origin`).
 #[test]
 fn admin_from_another_machine_needs_the_token() {
     let up = mock(Fault::None);
     let proxy = Proxy::start(&[&up], json!({"admin_token": "admin-secret-token-123"}));
     assert_eq!(admin_status(&proxy, "127.0.0.1:5000", None), 200);
     assert_eq!(admin_status(&proxy, "[::1]:5000", None), 200);
-    assert_eq!(admin_status(&proxy, "192.0.2.7:5000", None), 401);
-    assert_eq!(admin_status(&proxy, "192.0.2.7:5000", Some("wrong")), 401);
+    assert_eq!(admin_status(&proxy, "192.0.2.7:5000", None), 403);
+    assert_eq!(admin_status(&proxy, "192.0.2.7:5000", Some("wrong")), 403);
     assert_eq!(
         admin_status(&proxy, "192.0.2.7:5000", Some("admin-secret-token-123")),
         200
@@ -156,7 +159,7 @@ fn admin_from_another_machine_needs_the_token() {
     let no_token = Proxy::start(&[&up], json!({}));
     assert_eq!(
         admin_status(&no_token, "192.0.2.7:5000", Some("anything")),
-        401
+        403
     );
 }
 

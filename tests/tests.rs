@@ -2,6 +2,7 @@
 
 mod support;
 
+mod admin_access;
 mod balancing;
 mod check_probe;
 mod concurrency;
