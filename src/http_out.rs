@@ -50,6 +50,8 @@ enum Progress {
 pub struct BodySink<'a> {
     out: &'a mut ClientOut,
     framing: Framing,
+    /// Body bytes written so far.
+    written: u64,
 }
 
 impl ClientOut {
@@ -104,7 +106,11 @@ impl ClientOut {
             self.write_head(status, headers, framing)?;
             framing
         };
-        Ok(BodySink { out: self, framing })
+        Ok(BodySink {
+            out: self,
+            framing,
+            written: 0,
+        })
     }
 
     fn write_head(
@@ -153,6 +159,7 @@ impl BodySink<'_> {
             return Ok(());
         }
         let w = &mut self.out.writer;
+        self.written += piece.len() as u64;
         match self.framing {
             Framing::NoBody => return Ok(()),
             Framing::Chunked => {
@@ -166,7 +173,14 @@ impl BodySink<'_> {
     }
 
     /// Ends the body cleanly; a body that only the end of the connection delimits gets it.
+    /// A body shorter than its `content-length` cannot end cleanly: it is aborted.
     pub fn finish(self) -> io::Result<()> {
+        if self.is_short() {
+            self.abort()?;
+            return Err(io::Error::other(
+                "the body is shorter than its content-length",
+            ));
+        }
         if self.framing == Framing::Chunked {
             self.out.writer.write_all(b"0\r\n\r\n")?;
         }
@@ -192,6 +206,11 @@ impl BodySink<'_> {
 
     pub fn framing(&self) -> Framing {
         self.framing
+    }
+
+    /// True while fewer bytes were written than the `content-length` announced.
+    pub fn is_short(&self) -> bool {
+        matches!(self.framing, Framing::Length(n) if self.written < n)
     }
 }
 

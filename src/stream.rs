@@ -60,6 +60,9 @@ fn pump(mut reader: ureq::BodyReader<'static>, sink: &mut BodySink) -> Pump {
     let mut piece = vec![0u8; PIECE];
     loop {
         let n = match reader.read(&mut piece) {
+            Ok(0) if sink.is_short() => {
+                return Pump::UpstreamBroke("the body ended before its content-length".into());
+            }
             Ok(0) => return Pump::Done,
             Ok(n) => n,
             Err(e) => return Pump::UpstreamBroke(body_error(&e)),

@@ -155,6 +155,16 @@ impl ClientConnection {
                 );
                 None
             }
+            Err(RequestCreationError::CreationIoError(e)) if is_timeout(&e) => {
+                refuse(
+                    &mut self.sink,
+                    &self.state,
+                    &self.limits,
+                    408,
+                    "the request body did not arrive in time",
+                );
+                None
+            }
             Err(RequestCreationError::CreationIoError(_)) => None,
         }
     }
@@ -322,12 +332,15 @@ fn fill(
             Ok([]) => return Err(HeadError::Closed),
             Ok(_) => return Ok(()),
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
-                return Err(timed_out)
-            }
+            Err(e) if is_timeout(&e) => return Err(timed_out),
             Err(_) => return Err(HeadError::Closed),
         }
     }
+}
+
+/// A socket read timeout shows as either kind, depending on the platform.
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
 }
 
 /// Reads one line (ended by LF, with or without CR before it) without its line end,
