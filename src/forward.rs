@@ -32,6 +32,10 @@ enum Attempt<'a> {
     Ready(Ready<'a>),
     /// The endpoint failed; its answer, if it gave one.
     Failed(Option<Buffered>),
+    /// 403: the endpoint may not serve this request. Its health is untouched and it gets
+    /// no second attempt at this request (the answer would be the same); its answer is
+    /// kept for rule 5.
+    Forbidden(Buffered),
     /// The endpoint has no `count_tokens` (it answered 404): estimate locally (rule 10).
     NoCountTokens,
 }
@@ -98,6 +102,10 @@ pub fn forward(
                 return done;
             }
             Attempt::Failed(answer) => last = answer.or(last),
+            Attempt::Forbidden(answer) => {
+                tries[index] = tries[index].max(config.max_attempts_per_endpoint);
+                last = Some(answer);
+            }
             Attempt::NoCountTokens => {
                 let estimate = json!({ "input_tokens": estimate_tokens(&request.body) });
                 let done = served(state, true, 200, attempts, None);
@@ -319,6 +327,16 @@ fn attempt<'a>(
                 answer::error_kind(&answer)
             );
             failed(state, Outcome::AuthFailure(reason), answer)
+        }
+        Class::Forbidden => {
+            let answer = answer::buffer_error(status, &parts.headers, reader);
+            log::info!(
+                "endpoint {} ({}) may not serve this request: HTTP 403{}; trying the next",
+                endpoint.name(),
+                endpoint.id(),
+                answer::error_kind(&answer)
+            );
+            Attempt::Forbidden(answer)
         }
         Class::RateLimited => {
             let default = config.rate_limit_cooldown;

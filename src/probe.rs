@@ -6,7 +6,7 @@
 //!
 //! A result's detail starts with where a failure lies, in the words `check --probe` shows
 //! a user: `connect:`, `TLS:`, `outbound proxy:` (from `upstream::describe_error`),
-//! `auth:` (401/403: the key), or `probe:` (the endpoint answered, but not as it should).
+//! `auth:` (401: the key; 403: what the key may do), or `probe:` (the endpoint answered, but not as it should).
 
 use crate::config::{Probe, ProbeKind};
 use crate::endpoint::Endpoint;
@@ -100,6 +100,11 @@ fn refused(request: &str, status: u16) -> ProbeResult {
         Class::Auth => {
             return failed(format!(
                 "auth: {request} answered HTTP {status}: the key was refused"
+            ));
+        }
+        Class::Forbidden => {
+            return failed(format!(
+                "auth: {request} answered HTTP {status}: the key may not make this request"
             ));
         }
         Class::RateLimited => ": rate limited",

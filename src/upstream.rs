@@ -132,8 +132,11 @@ pub enum Class {
     Success,
     /// Any 4xx other than 401, 403, 408, 429: the client's mistake, passed back untouched.
     ClientError,
-    /// 401 or 403: the endpoint's key is bad.
+    /// 401: the endpoint's key is bad.
     Auth,
+    /// 403: this endpoint may not serve this request (a model or beta its key may not
+    /// use); another endpoint may, and the key is fine for everything else.
+    Forbidden,
     /// 429.
     RateLimited,
     /// 408 or 5xx.
@@ -142,7 +145,8 @@ pub enum Class {
 
 pub fn classify(status: u16) -> Class {
     match status {
-        401 | 403 => Class::Auth,
+        401 => Class::Auth,
+        403 => Class::Forbidden,
         429 => Class::RateLimited,
         408 | 500..=599 => Class::Failure,
         400..=499 => Class::ClientError,
@@ -336,7 +340,7 @@ mod tests {
         assert_eq!(classify(404), Class::ClientError);
         assert_eq!(classify(413), Class::ClientError);
         assert_eq!(classify(401), Class::Auth);
-        assert_eq!(classify(403), Class::Auth);
+        assert_eq!(classify(403), Class::Forbidden);
         assert_eq!(classify(408), Class::Failure);
         assert_eq!(classify(429), Class::RateLimited);
         assert_eq!(classify(500), Class::Failure);
