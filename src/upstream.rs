@@ -155,21 +155,16 @@ pub fn classify(status: u16) -> Class {
 }
 
 /// No cooldown is believed beyond a day: a bogus header must not retire an endpoint.
-const MAX_COOLDOWN: Duration = Duration::from_secs(86_400);
+pub const MAX_COOLDOWN: Duration = Duration::from_secs(86_400);
 
 /// When a rate-limited endpoint may be used again: `retry-after` (seconds or HTTP date),
-/// else the earliest `anthropic-ratelimit-*-reset`, else the configured default.
+/// else the earliest `anthropic-ratelimit-*-reset`, else the configured default; never
+/// more than `MAX_COOLDOWN` from `now`. A header that is not a number or a real date is
+/// ignored. The arithmetic is checked: whatever an upstream writes, this cannot panic.
 pub fn cooldown_until(headers: &HeaderMap, default: Duration, now: Instant) -> Instant {
     let wall = SystemTime::now();
-    let until_wall = |t: SystemTime| t.duration_since(wall).unwrap_or(Duration::ZERO);
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let from_retry_after = text("retry-after").and_then(|v| {
-        v.trim()
-            .parse::<f64>()
-            .ok()
-            .and_then(|s| Duration::try_from_secs_f64(s).ok())
-            .or_else(|| crate::time::parse_http_date(v).map(until_wall))
-    });
+    let from_retry_after = text("retry-after").and_then(|v| retry_after(v, wall));
     let from_reset = || {
         headers
             .iter()
@@ -179,10 +174,39 @@ pub fn cooldown_until(headers: &HeaderMap, default: Duration, now: Instant) -> I
             })
             .filter_map(|(_, v)| crate::time::parse_rfc3339(v.to_str().ok()?))
             .min()
-            .map(until_wall)
+            .map(|t| wait_until(t, wall))
     };
-    let wait = from_retry_after.or_else(from_reset).unwrap_or(default);
-    now + wait.min(MAX_COOLDOWN)
+    let wait = from_retry_after
+        .or_else(from_reset)
+        .unwrap_or(default)
+        .min(MAX_COOLDOWN);
+    now.checked_add(wait).unwrap_or(now)
+}
+
+/// `retry-after` as a wait: delay-seconds, or an HTTP date (a date past is no wait).
+fn retry_after(value: &str, wall: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    delay_seconds(value)
+        .or_else(|| crate::time::parse_http_date(value).map(|t| wait_until(t, wall)))
+}
+
+/// RFC 9110's delay-seconds (ASCII digits), with a fraction allowed since some relays send
+/// one. A number too large for a `Duration` is a very long wait: `MAX_COOLDOWN`. A sign,
+/// an exponent, `inf` or `NaN` is not delay-seconds.
+fn delay_seconds(value: &str) -> Option<Duration> {
+    let (whole, fraction) = value.split_once('.').unwrap_or((value, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    // Digits and one dot always parse, to infinity at worst, never to NaN.
+    let seconds: f64 = value.parse().ok()?;
+    Some(Duration::try_from_secs_f64(seconds).map_or(MAX_COOLDOWN, |d| d.min(MAX_COOLDOWN)))
+}
+
+/// The wait from `wall` until `t`: none if `t` is past.
+fn wait_until(t: SystemTime, wall: SystemTime) -> Duration {
+    t.duration_since(wall).unwrap_or(Duration::ZERO)
 }
 
 /// A plain-words reason for a failed call, for logs, `last_error` and `check --probe`
@@ -345,6 +369,70 @@ mod tests {
         assert_eq!(classify(429), Class::RateLimited);
         assert_eq!(classify(500), Class::Failure);
         assert_eq!(classify(529), Class::Failure);
+    }
+
+    /// Whatever an upstream writes in `retry-after` or a reset header, the cooldown is the
+    /// header's (clamped to `MAX_COOLDOWN`), or the default when the header is not a number
+    /// or a real date; never a panic.
+    #[test]
+    fn hostile_cooldown_headers_give_a_bounded_cooldown_and_never_panic() {
+        let now = Instant::now();
+        let default = Duration::from_secs(30);
+        let huge_digits = "9".repeat(10_000);
+        let retry_afters = [
+            ("Wed, 21 Oct 400000000000 07:28:00 GMT", default),
+            ("Wed, 21 Oct 9999999 07:28:00 GMT", default),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", MAX_COOLDOWN),
+            ("Sat, 01 Jan 0000 00:00:00 GMT", Duration::ZERO),
+            ("Sun, 30 Feb 2031 00:00:00 GMT", default),
+            ("Wed, 21 Oct 2031 25:00:00 GMT", default),
+            ("99999999999999999999", MAX_COOLDOWN),
+            ("18446744073709551616", MAX_COOLDOWN),
+            (huge_digits.as_str(), MAX_COOLDOWN),
+            ("86401", MAX_COOLDOWN),
+            ("0", Duration::ZERO),
+            (" 7 ", Duration::from_secs(7)),
+            ("1.5", Duration::from_millis(1500)),
+            ("-5", default),
+            ("+5", default),
+            ("1e3", default),
+            ("NaN", default),
+            ("inf", default),
+            ("infinity", default),
+            ("0x10", default),
+            ("5.", default),
+            (".5", default),
+            ("1.2.3", default),
+            ("", default),
+        ];
+        for (value, expected) in retry_afters {
+            let mut h = HeaderMap::new();
+            h.insert("retry-after", HeaderValue::from_str(value).unwrap());
+            let wait = cooldown_until(&h, default, now) - now;
+            assert_eq!(wait, expected, "retry-after: {value:?}");
+        }
+        let resets = [
+            ("9999-12-31T23:59:59Z", MAX_COOLDOWN),
+            ("0000-01-01T00:00:00Z", Duration::ZERO),
+            ("4000000000-01-01T00:00:00Z", default),
+            ("2031-02-30T00:00:00Z", default),
+            ("2031-01-01T00:00:00+99:99", default),
+        ];
+        for (value, expected) in resets {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "anthropic-ratelimit-requests-reset",
+                HeaderValue::from_str(value).unwrap(),
+            );
+            let wait = cooldown_until(&h, default, now) - now;
+            assert_eq!(wait, expected, "reset: {value:?}");
+        }
+        // A configured default beyond a day is clamped too.
+        let forever = Duration::from_secs(u64::MAX);
+        assert_eq!(
+            cooldown_until(&HeaderMap::new(), forever, now) - now,
+            MAX_COOLDOWN
+        );
     }
 
     #[test]

@@ -236,6 +236,56 @@ fn a_429_with_retry_after_2_skips_the_endpoint_for_2_seconds_then_uses_it_again(
     assert_eq!(primary.requests(), 2);
 }
 
+/// Issue 12: this date overflowed the clock arithmetic and panicked the worker, so the
+/// client got nothing and the healthy secondary was never tried.
+#[test]
+fn a_429_whose_retry_after_overflows_the_clock_fails_over_and_cools_down_at_most_a_day() {
+    let limited = Fault::RateLimited {
+        retry_after: Some("Wed, 21 Oct 400000000000 07:28:00 GMT".into()),
+    };
+    let primary = named("primary", limited);
+    let secondary = named("secondary", Fault::None);
+    let endpoints = [
+        endpoint_json(0, &primary.url(), json!({})),
+        endpoint_json(1, &secondary.url(), json!({})),
+    ];
+    let config = json!({"endpoints": endpoints, "recovery_interval": NO_RECOVERY,
+                        "rate_limit_cooldown": 600});
+    let proxy = Proxy::start(&[], config);
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("x-mock-upstream"), Some("secondary"));
+    assert_eq!((primary.requests(), secondary.requests()), (1, 1));
+    // Alive, and the primary is skipped while it cools down.
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.header("x-mock-upstream"), Some("secondary"));
+    assert_eq!((primary.requests(), secondary.requests()), (1, 2));
+    // The date is not a date: the cooldown is rate_limit_cooldown, within MAX_COOLDOWN.
+    let until = proxy.state.current().endpoints[0]
+        .health()
+        .cooldown_until
+        .expect("the primary cools down");
+    let now = Instant::now();
+    assert!(until <= now + failover_proxy::upstream::MAX_COOLDOWN);
+    assert!(
+        until <= now + Duration::from_secs(600),
+        "not rate_limit_cooldown"
+    );
+    let primary_stats = proxy.endpoint_stats(0);
+    let health = &primary_stats["health_status"];
+    assert_eq!(health["failed_requests"], 1, "{health}");
+    assert_eq!(health["consecutive_failures"], 0, "{health}");
+    assert_eq!(
+        health["last_error"], "HTTP 429 (rate_limit_error): rate limited",
+        "{health}"
+    );
+    assert!(
+        primary_stats["cooldown_until"].is_string(),
+        "{primary_stats}"
+    );
+    assert_eq!(proxy.stats()["failed_endpoints"], json!([]));
+}
+
 /// Two endpoints that fail on every attempt but stay eligible (max_failures far away).
 fn two_failing_endpoints(first: &str, second: &str) -> Proxy {
     let eligible = json!({"max_failures": 1000});
