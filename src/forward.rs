@@ -16,6 +16,7 @@ use crate::state::{Generation, State};
 use crate::stream::{commit, deliver_buffered};
 use crate::upstream::{self, Class, ClientRequest};
 use serde_json::json;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -82,7 +83,8 @@ pub fn forward(
                 endpoint.id()
             );
         }
-        match attempt(state, &generation.config, endpoint, request, out) {
+        let run = || attempt(state, &generation.config, endpoint, request, out);
+        match attempt_or_failure(state, endpoint, run) {
             Attempt::Ready(ready) => {
                 let status = ready.prepared.status;
                 state.note_used(endpoint.id());
@@ -285,6 +287,35 @@ fn backoff(previous_tries: u32) -> Duration {
     Duration::from_millis((base / 2 + jitter).min(2000))
 }
 
+/// `last_error` of an attempt that panicked before the commit point.
+const INTERNAL_ERROR: &str = "internal error while reading the answer";
+
+/// Runs one attempt's work before the commit point (the call, the classification, the
+/// reading of the answer) so that a panic in it, a bug or an answer nobody foresaw, costs
+/// that attempt only: nothing has reached the client yet, so the panic is recorded as the
+/// endpoint's failure and the loop tries the next endpoint. The unwinding drops the
+/// attempt's in-flight guard.
+fn attempt_or_failure<'a>(
+    state: &State,
+    endpoint: &'a Endpoint,
+    run: impl FnOnce() -> Attempt<'a>,
+) -> Attempt<'a> {
+    let started = Instant::now();
+    match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+        Ok(done) => done,
+        Err(_panic) => {
+            log::error!(
+                "endpoint {} ({}): {INTERNAL_ERROR} (a panic); trying the next endpoint",
+                endpoint.name(),
+                endpoint.id()
+            );
+            let outcome = Outcome::Failure(INTERNAL_ERROR.into());
+            state.record(endpoint, &outcome, started.elapsed());
+            Attempt::Failed(None)
+        }
+    }
+}
+
 fn attempt<'a>(
     state: &State,
     config: &crate::config::Config,
@@ -374,6 +405,33 @@ pub fn send_error(out: &mut ClientOut, status: u16, kind: &str, message: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, Overrides};
+
+    fn one_endpoint_state() -> State {
+        let text = r#"{"endpoints":[{"name":"ep","base_url":"http://127.0.0.1:9","api_key":"sk-unit-0123456789"}]}"#;
+        State::new(Config::from_json(text, &Overrides::default(), &|_| None).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_panic_before_the_commit_point_is_an_endpoint_failure_and_releases_the_attempt() {
+        let state = one_endpoint_state();
+        let generation = state.current();
+        let endpoint = &generation.endpoints[0];
+        let result = attempt_or_failure(&state, endpoint, || {
+            let _in_flight = endpoint.begin();
+            panic!("a bug while reading the answer");
+        });
+        assert!(matches!(result, Attempt::Failed(None)));
+        assert_eq!(endpoint.in_flight(), 0);
+        let h = endpoint.health();
+        let counts = (h.total_requests, h.failed_requests, h.consecutive_failures);
+        assert_eq!(counts, (1, 1, 1));
+        assert_eq!(h.last_error.as_deref(), Some(INTERNAL_ERROR));
+        // Without a panic, the attempt's own result passes through and nothing is recorded.
+        let result = attempt_or_failure(&state, endpoint, || Attempt::NoCountTokens);
+        assert!(matches!(result, Attempt::NoCountTokens));
+        assert_eq!(endpoint.health().total_requests, 1);
+    }
 
     #[test]
     fn backoff_grows_and_is_bounded() {
