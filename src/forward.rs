@@ -92,7 +92,7 @@ pub fn forward(
                     let ttl = config.affinity_ttl;
                     state
                         .affinity
-                        .bind(&s.key, endpoint.id(), ttl, Instant::now());
+                        .bind(s.key, endpoint.id(), ttl, Instant::now());
                 }
                 if attempts > 1 {
                     state.counters.failovers.fetch_add(1, Ordering::Relaxed);
@@ -200,7 +200,7 @@ fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, out: &mut ClientOut
 /// A request's session and the endpoint it is bound to, if that endpoint is eligible;
 /// a binding to an endpoint that is not is dropped (a new one is made on success).
 struct Session {
-    key: String,
+    key: crate::affinity::SessionKey,
     bound: Option<usize>,
 }
 
@@ -211,7 +211,7 @@ fn session(state: &State, generation: &Generation, request: &ClientRequest) -> O
     }
     let key = crate::affinity::session_key(request)?;
     let now = Instant::now();
-    let id = state.affinity.lookup(&key, ttl, now);
+    let id = state.affinity.lookup(key, ttl, now);
     let bound = id.and_then(|id| {
         generation
             .endpoints
@@ -219,7 +219,7 @@ fn session(state: &State, generation: &Generation, request: &ClientRequest) -> O
             .position(|e| e.id() == id && state.is_eligible(e, now))
     });
     if id.is_some() && bound.is_none() {
-        state.affinity.forget(&key);
+        state.affinity.forget(key);
     }
     Some(Session { key, bound })
 }
