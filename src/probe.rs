@@ -39,14 +39,16 @@ pub fn fresh_code() -> String {
         .collect()
 }
 
+/// A probe request with the endpoint's key in the header(s) its `auth` names, as a
+/// forwarded request has it.
 fn request(endpoint: &Endpoint, method: &str, path: &str) -> ureq::http::request::Builder {
-    let key = endpoint.config.api_key.expose();
-    ureq::http::Request::builder()
+    let mut builder = ureq::http::Request::builder()
         .method(method)
-        .uri(format!("{}{path}", endpoint.config.base_url))
-        .header("x-api-key", key)
-        .header("authorization", format!("Bearer {key}"))
-        .header("anthropic-version", "2023-06-01")
+        .uri(format!("{}{path}", endpoint.config.base_url));
+    for (name, value) in crate::upstream::key_headers(endpoint) {
+        builder = builder.header(name, value);
+    }
+    builder.header("anthropic-version", "2023-06-01")
 }
 
 fn wait(endpoint: &Endpoint) -> Option<Duration> {

@@ -43,8 +43,8 @@ impl ClientRequest {
 
 /// The headers the upstream gets: the client's, less hop-by-hop ones, `host` (ureq sets
 /// the upstream's), the framing (ureq sets it from the body), `expect` (answered locally)
-/// and the client's credentials; plus the endpoint's key both ways and a default
-/// `anthropic-version`.
+/// and the client's credentials (always, whatever `auth` says); plus the endpoint's key in
+/// the header(s) its `auth` names and a default `anthropic-version`.
 pub fn upstream_headers(request: &ClientRequest, endpoint: &Endpoint) -> HeaderMap {
     let dropped_by_connection = connection_tokens(&request.headers);
     let mut headers = HeaderMap::with_capacity(request.headers.len() + 3);
@@ -60,19 +60,36 @@ pub fn upstream_headers(request: &ClientRequest, endpoint: &Endpoint) -> HeaderM
             headers.append(name.clone(), value.clone());
         }
     }
-    let key = endpoint.config.api_key.expose();
-    if let Ok(mut v) = HeaderValue::from_str(key) {
-        v.set_sensitive(true);
-        headers.insert("x-api-key", v);
-    }
-    if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {key}")) {
-        v.set_sensitive(true);
-        headers.insert(http::header::AUTHORIZATION, v);
+    for (name, value) in key_headers(endpoint) {
+        headers.insert(name, value);
     }
     if !headers.contains_key("anthropic-version") {
         headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
     }
     headers
+}
+
+/// The header(s) that carry the endpoint's key, as its `auth` says: `x-api-key: <key>`,
+/// `authorization: Bearer <key>`, or both. Marked sensitive, so no debug output shows them.
+/// Forwarded requests and probes both take them from here.
+pub fn key_headers(endpoint: &Endpoint) -> Vec<(HeaderName, HeaderValue)> {
+    let auth = endpoint.config.auth;
+    let key = endpoint.config.api_key.expose();
+    let mut wanted = Vec::with_capacity(2);
+    if auth.sends_x_api_key() {
+        wanted.push((HeaderName::from_static("x-api-key"), key.to_string()));
+    }
+    if auth.sends_bearer() {
+        wanted.push((http::header::AUTHORIZATION, format!("Bearer {key}")));
+    }
+    wanted
+        .into_iter()
+        .filter_map(|(name, text)| {
+            let mut value = HeaderValue::from_str(&text).ok()?;
+            value.set_sensitive(true);
+            Some((name, value))
+        })
+        .collect()
 }
 
 /// Header names listed in `Connection`, which are hop-by-hop for this message.
