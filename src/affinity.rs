@@ -3,22 +3,59 @@
 //!
 //! The session key comes from the request (rule 9 of the contract); the table maps keys to
 //! endpoint ids with a TTL, is bounded in size (the oldest bindings go first) and is swept
-//! as it grows, so a flood of session ids cannot grow memory without limit.
+//! as it grows, so a flood of session ids cannot grow memory without limit. The table holds
+//! a fixed-size hash of each key, never the client's text, so a client's 60 KB session id
+//! costs it 16 bytes.
 
 use crate::endpoint::EndpointId;
 use crate::upstream::ClientRequest;
 use parking_lot::Mutex;
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::fmt;
 use std::time::{Duration, Instant};
 
 /// At most this many sessions are remembered.
 pub const MAX_SESSIONS: usize = 10_000;
 
-/// The session key of a request: header `x-conversation-id`, header
+/// A session key as the table holds it: the first 16 bytes of SHA-256 of the key's text.
+/// Fixed-size whatever the client sends; 128 bits make a collision between two sessions
+/// practically impossible. It shows (in `Debug` / `Display`) as its first 8 hex digits, so
+/// a log line never carries the client's id.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SessionKey([u8; 16]);
+
+impl SessionKey {
+    pub fn of(text: &str) -> SessionKey {
+        let digest = Sha256::digest(text.as_bytes());
+        let mut key = [0u8; 16];
+        key.copy_from_slice(&digest[..16]);
+        SessionKey(key)
+    }
+}
+
+impl fmt::Display for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0[..4].iter().try_for_each(|b| write!(f, "{b:02x}"))
+    }
+}
+
+impl fmt::Debug for SessionKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SessionKey({self})")
+    }
+}
+
+/// The session key of a request (rule 9), hashed.
+pub fn session_key(request: &ClientRequest) -> Option<SessionKey> {
+    session_text(request).map(|text| SessionKey::of(&text))
+}
+
+/// The session key's text: header `x-conversation-id`, header
 /// `x-claude-code-session-id`, body `conversation_id`, then the session inside body
 /// `metadata.user_id` (either form Claude Code sends), else that `user_id` whole.
-pub fn session_key(request: &ClientRequest) -> Option<String> {
+fn session_text(request: &ClientRequest) -> Option<String> {
     for header in ["x-conversation-id", "x-claude-code-session-id"] {
         if let Some(v) = request
             .header(header)
@@ -83,21 +120,21 @@ struct Binding {
 
 #[derive(Default)]
 pub struct Affinity {
-    table: Mutex<HashMap<String, Binding>>,
+    table: Mutex<HashMap<SessionKey, Binding>>,
 }
 
 impl Affinity {
     /// The endpoint the session is bound to, if the binding is younger than `ttl`.
-    pub fn lookup(&self, key: &str, ttl: Duration, now: Instant) -> Option<EndpointId> {
+    pub fn lookup(&self, key: SessionKey, ttl: Duration, now: Instant) -> Option<EndpointId> {
         let table = self.table.lock();
-        let b = table.get(key)?;
+        let b = table.get(&key)?;
         (now.duration_since(b.last_used) < ttl).then_some(b.endpoint)
     }
 
     /// Binds (or re-binds) the session after a success; keeps the table bounded.
-    pub fn bind(&self, key: &str, endpoint: EndpointId, ttl: Duration, now: Instant) {
+    pub fn bind(&self, key: SessionKey, endpoint: EndpointId, ttl: Duration, now: Instant) {
         let mut table = self.table.lock();
-        if table.len() >= MAX_SESSIONS && !table.contains_key(key) {
+        if table.len() >= MAX_SESSIONS && !table.contains_key(&key) {
             table.retain(|_, b| now.duration_since(b.last_used) < ttl);
             if table.len() >= MAX_SESSIONS {
                 evict_oldest(&mut table, MAX_SESSIONS / 10);
@@ -107,11 +144,11 @@ impl Affinity {
             endpoint,
             last_used: now,
         };
-        table.insert(key.to_string(), binding);
+        table.insert(key, binding);
     }
 
-    pub fn forget(&self, key: &str) {
-        self.table.lock().remove(key);
+    pub fn forget(&self, key: SessionKey) {
+        self.table.lock().remove(&key);
     }
 
     pub fn len(&self) -> usize {
@@ -124,11 +161,9 @@ impl Affinity {
 }
 
 /// Drops the `n` least recently used bindings (a sort, only when the table is full).
-fn evict_oldest(table: &mut HashMap<String, Binding>, n: usize) {
-    let mut ages: Vec<(Instant, String)> = table
-        .iter()
-        .map(|(k, b)| (b.last_used, k.clone()))
-        .collect();
+fn evict_oldest(table: &mut HashMap<SessionKey, Binding>, n: usize) {
+    let mut ages: Vec<(Instant, SessionKey)> =
+        table.iter().map(|(k, b)| (b.last_used, *k)).collect();
     ages.sort_unstable();
     for (_, key) in ages.into_iter().take(n) {
         table.remove(&key);
@@ -194,7 +229,7 @@ mod tests {
         ];
         for (req, expected) in cases {
             assert_eq!(
-                session_key(&req).as_deref(),
+                session_text(&req).as_deref(),
                 expected,
                 "{:?}",
                 String::from_utf8_lossy(&req.body)
@@ -207,15 +242,16 @@ mod tests {
         let a = Affinity::default();
         let now = Instant::now();
         let ttl = Duration::from_secs(60);
-        a.bind("s", EndpointId(1), ttl, now);
+        let s = SessionKey::of("s");
+        a.bind(s, EndpointId(1), ttl, now);
         assert_eq!(
-            a.lookup("s", ttl, now + Duration::from_secs(59)),
+            a.lookup(s, ttl, now + Duration::from_secs(59)),
             Some(EndpointId(1))
         );
-        assert_eq!(a.lookup("s", ttl, now + Duration::from_secs(60)), None);
+        assert_eq!(a.lookup(s, ttl, now + Duration::from_secs(60)), None);
         for i in 0..MAX_SESSIONS + 500 {
             a.bind(
-                &format!("k{i}"),
+                SessionKey::of(&format!("k{i}")),
                 EndpointId(2),
                 ttl,
                 now + Duration::from_millis(i as u64),
@@ -225,9 +261,36 @@ mod tests {
         // The newest binding survived; the oldest went.
         let late = now + Duration::from_secs(1);
         assert_eq!(
-            a.lookup(&format!("k{}", MAX_SESSIONS + 499), ttl, late),
+            a.lookup(
+                SessionKey::of(&format!("k{}", MAX_SESSIONS + 499)),
+                ttl,
+                late
+            ),
             Some(EndpointId(2))
         );
-        assert_eq!(a.lookup("k0", ttl, late), None);
+        assert_eq!(a.lookup(SessionKey::of("k0"), ttl, late), None);
+    }
+
+    /// Issue 12: session keys are capped. Two 60 KB keys that differ only in their last
+    /// byte are two sessions; the same key finds its binding again; the key shows as 8 hex
+    /// digits only.
+    #[test]
+    fn long_session_keys_are_hashed_to_distinct_fixed_size_keys() {
+        let long = "s".repeat(60 * 1024);
+        let (first, second) = (format!("{long}a"), format!("{long}b"));
+        let header = |v: &str| request(&[("x-claude-code-session-id", v)], "{}");
+        let key_a = session_key(&header(&first)).unwrap();
+        let key_b = session_key(&header(&second)).unwrap();
+        assert_ne!(key_a, key_b);
+        assert_eq!(session_key(&header(&first)), Some(key_a));
+        assert_eq!(size_of::<SessionKey>(), 16);
+        assert_eq!(key_a.to_string().len(), 8);
+        assert_eq!(format!("{key_a:?}"), format!("SessionKey({key_a})"));
+        let (a, now, ttl) = (Affinity::default(), Instant::now(), Duration::from_secs(60));
+        a.bind(key_a, EndpointId(1), ttl, now);
+        a.bind(key_b, EndpointId(2), ttl, now);
+        assert_eq!(a.lookup(key_a, ttl, now), Some(EndpointId(1)));
+        assert_eq!(a.lookup(key_b, ttl, now), Some(EndpointId(2)));
+        assert_eq!(a.len(), 2);
     }
 }

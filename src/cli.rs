@@ -203,18 +203,19 @@ fn check(path: &Path, probe: bool) -> Result<(), CliError> {
         config.strategy.name()
     );
     println!(
-        "{:<16} {:<8} {:>8} {:>6} {:<8} {:<14} base_url",
-        "name", "id", "priority", "weight", "enabled", "key"
+        "{:<16} {:<8} {:>8} {:>6} {:<8} {:<14} {:<9} base_url",
+        "name", "id", "priority", "weight", "enabled", "key", "auth"
     );
     for e in &config.endpoints {
         println!(
-            "{:<16} {:<8} {:>8} {:>6} {:<8} {:<14} {}",
+            "{:<16} {:<8} {:>8} {:>6} {:<8} {:<14} {:<9} {}",
             e.name,
             e.id.to_string(),
             e.priority,
             e.weight,
             e.enabled,
             e.api_key.redacted(),
+            e.auth.name(),
             e.base_url
         );
     }

@@ -62,6 +62,39 @@ pub enum ProbeKind {
     Http,
 }
 
+/// Which header(s) carry an endpoint's key to the upstream and in its probes. Relays
+/// differ in which one they read, and an OAuth access token wants the Bearer form only.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Auth {
+    /// `x-api-key: <key>` only.
+    XApiKey,
+    /// `authorization: Bearer <key>` only.
+    Bearer,
+    /// Both headers (the default, as qcc does).
+    Both,
+}
+
+impl Auth {
+    const ALL: [Auth; 3] = [Auth::XApiKey, Auth::Bearer, Auth::Both];
+
+    /// The name the config file uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Auth::XApiKey => "x-api-key",
+            Auth::Bearer => "bearer",
+            Auth::Both => "both",
+        }
+    }
+
+    pub fn sends_x_api_key(self) -> bool {
+        matches!(self, Auth::XApiKey | Auth::Both)
+    }
+
+    pub fn sends_bearer(self) -> bool {
+        matches!(self, Auth::Bearer | Auth::Both)
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Probe {
     pub kind: ProbeKind,
@@ -112,6 +145,8 @@ pub struct EndpointConfig {
     pub max_failures: u32,
     /// The per-attempt wait for the upstream's response headers.
     pub timeout: Duration,
+    /// Which header(s) carry `api_key` upstream.
+    pub auth: Auth,
     pub ca_file: Option<PathBuf>,
     pub proxy: Option<String>,
 }
@@ -169,6 +204,7 @@ struct RawEndpoint {
     enabled: Option<bool>,
     max_failures: Option<u32>,
     timeout: Option<f64>,
+    auth: Option<String>,
     ca_file: Option<PathBuf>,
     proxy: Option<String>,
 }
@@ -193,6 +229,7 @@ impl EndpointConfig {
             enabled: None,
             max_failures: None,
             timeout: None,
+            auth: None,
             ca_file: None,
             proxy: None,
         };
@@ -430,11 +467,22 @@ fn validate_endpoint(
         enabled: r.enabled.unwrap_or(true),
         max_failures: at_least_one(&field("max_failures"), r.max_failures, 3)?,
         timeout: positive_seconds(&field("timeout"), r.timeout, 600.0)?,
+        auth: parse_auth(&field("auth"), r.auth.as_deref())?,
         ca_file: r.ca_file,
         proxy: r.proxy,
         base_url,
         api_key: Secret::new(api_key),
     })
+}
+
+fn parse_auth(field: &str, value: Option<&str>) -> Result<Auth, String> {
+    let Some(text) = value else {
+        return Ok(Auth::Both);
+    };
+    Auth::ALL
+        .into_iter()
+        .find(|a| a.name() == text)
+        .ok_or_else(|| format!("{field}: {text:?} must be \"x-api-key\", \"bearer\" or \"both\""))
 }
 
 /// An endpoint without a name is called by its host, which is what a user recognises.
@@ -506,6 +554,36 @@ mod tests {
             (100, 1, true, 3)
         );
         assert_eq!(e.timeout, Duration::from_secs(600));
+        assert_eq!(e.auth, Auth::Both);
+    }
+
+    #[test]
+    fn auth_names_which_headers_carry_the_key() {
+        let with_auth = |auth: &str| {
+            parse(&format!(
+                r#"{{"endpoints":[{{"base_url":"http://a","api_key":"k"}},
+                                 {{"base_url":"http://b","api_key":"k","auth":{auth}}}]}}"#
+            ))
+        };
+        for (auth, expected) in [
+            ("\"x-api-key\"", Auth::XApiKey),
+            ("\"bearer\"", Auth::Bearer),
+            ("\"both\"", Auth::Both),
+        ] {
+            let c = with_auth(auth).unwrap();
+            assert_eq!(
+                (c.endpoints[0].auth, c.endpoints[1].auth),
+                (Auth::Both, expected)
+            );
+        }
+        assert_eq!(
+            with_auth("\"Bearer\"").unwrap_err(),
+            r#"endpoints[1].auth: "Bearer" must be "x-api-key", "bearer" or "both""#
+        );
+        let err = with_auth("1").unwrap_err();
+        assert!(err.contains("invalid type"), "{err}");
+        let d = EndpointConfig::with_defaults("ep", "http://a", "k").unwrap();
+        assert_eq!(d.auth, Auth::Both);
     }
 
     #[test]

@@ -16,6 +16,7 @@ use crate::state::{Generation, State};
 use crate::stream::{commit, deliver_buffered};
 use crate::upstream::{self, Class, ClientRequest};
 use serde_json::json;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,10 @@ enum Attempt<'a> {
     Ready(Ready<'a>),
     /// The endpoint failed; its answer, if it gave one.
     Failed(Option<Buffered>),
+    /// 403: the endpoint may not serve this request. Its health is untouched and it gets
+    /// no second attempt at this request (the answer would be the same); its answer is
+    /// kept for rule 5.
+    Forbidden(Buffered),
     /// The endpoint has no `count_tokens` (it answered 404): estimate locally (rule 10).
     NoCountTokens,
 }
@@ -78,7 +83,8 @@ pub fn forward(
                 endpoint.id()
             );
         }
-        match attempt(state, &generation.config, endpoint, request, out) {
+        let run = || attempt(state, &generation.config, endpoint, request, out);
+        match attempt_or_failure(state, endpoint, run) {
             Attempt::Ready(ready) => {
                 let status = ready.prepared.status;
                 state.note_used(endpoint.id());
@@ -86,7 +92,7 @@ pub fn forward(
                     let ttl = config.affinity_ttl;
                     state
                         .affinity
-                        .bind(&s.key, endpoint.id(), ttl, Instant::now());
+                        .bind(s.key, endpoint.id(), ttl, Instant::now());
                 }
                 if attempts > 1 {
                     state.counters.failovers.fetch_add(1, Ordering::Relaxed);
@@ -98,6 +104,10 @@ pub fn forward(
                 return done;
             }
             Attempt::Failed(answer) => last = answer.or(last),
+            Attempt::Forbidden(answer) => {
+                tries[index] = tries[index].max(config.max_attempts_per_endpoint);
+                last = Some(answer);
+            }
             Attempt::NoCountTokens => {
                 let estimate = json!({ "input_tokens": estimate_tokens(&request.body) });
                 let done = served(state, true, 200, attempts, None);
@@ -190,7 +200,7 @@ fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, out: &mut ClientOut
 /// A request's session and the endpoint it is bound to, if that endpoint is eligible;
 /// a binding to an endpoint that is not is dropped (a new one is made on success).
 struct Session {
-    key: String,
+    key: crate::affinity::SessionKey,
     bound: Option<usize>,
 }
 
@@ -201,7 +211,7 @@ fn session(state: &State, generation: &Generation, request: &ClientRequest) -> O
     }
     let key = crate::affinity::session_key(request)?;
     let now = Instant::now();
-    let id = state.affinity.lookup(&key, ttl, now);
+    let id = state.affinity.lookup(key, ttl, now);
     let bound = id.and_then(|id| {
         generation
             .endpoints
@@ -209,7 +219,7 @@ fn session(state: &State, generation: &Generation, request: &ClientRequest) -> O
             .position(|e| e.id() == id && state.is_eligible(e, now))
     });
     if id.is_some() && bound.is_none() {
-        state.affinity.forget(&key);
+        state.affinity.forget(key);
     }
     Some(Session { key, bound })
 }
@@ -277,6 +287,35 @@ fn backoff(previous_tries: u32) -> Duration {
     Duration::from_millis((base / 2 + jitter).min(2000))
 }
 
+/// `last_error` of an attempt that panicked before the commit point.
+const INTERNAL_ERROR: &str = "internal error while reading the answer";
+
+/// Runs one attempt's work before the commit point (the call, the classification, the
+/// reading of the answer) so that a panic in it, a bug or an answer nobody foresaw, costs
+/// that attempt only: nothing has reached the client yet, so the panic is recorded as the
+/// endpoint's failure and the loop tries the next endpoint. The unwinding drops the
+/// attempt's in-flight guard.
+fn attempt_or_failure<'a>(
+    state: &State,
+    endpoint: &'a Endpoint,
+    run: impl FnOnce() -> Attempt<'a>,
+) -> Attempt<'a> {
+    let started = Instant::now();
+    match std::panic::catch_unwind(AssertUnwindSafe(run)) {
+        Ok(done) => done,
+        Err(_panic) => {
+            log::error!(
+                "endpoint {} ({}): {INTERNAL_ERROR} (a panic); trying the next endpoint",
+                endpoint.name(),
+                endpoint.id()
+            );
+            let outcome = Outcome::Failure(INTERNAL_ERROR.into());
+            state.record(endpoint, &outcome, started.elapsed());
+            Attempt::Failed(None)
+        }
+    }
+}
+
 fn attempt<'a>(
     state: &State,
     config: &crate::config::Config,
@@ -320,6 +359,16 @@ fn attempt<'a>(
             );
             failed(state, Outcome::AuthFailure(reason), answer)
         }
+        Class::Forbidden => {
+            let answer = answer::buffer_error(status, &parts.headers, reader);
+            log::info!(
+                "endpoint {} ({}) may not serve this request: HTTP 403{}; trying the next",
+                endpoint.name(),
+                endpoint.id(),
+                answer::error_kind(&answer)
+            );
+            Attempt::Forbidden(answer)
+        }
         Class::RateLimited => {
             let default = config.rate_limit_cooldown;
             let until = upstream::cooldown_until(&parts.headers, default, Instant::now());
@@ -356,6 +405,33 @@ pub fn send_error(out: &mut ClientOut, status: u16, kind: &str, message: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{Config, Overrides};
+
+    fn one_endpoint_state() -> State {
+        let text = r#"{"endpoints":[{"name":"ep","base_url":"http://127.0.0.1:9","api_key":"sk-unit-0123456789"}]}"#;
+        State::new(Config::from_json(text, &Overrides::default(), &|_| None).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_panic_before_the_commit_point_is_an_endpoint_failure_and_releases_the_attempt() {
+        let state = one_endpoint_state();
+        let generation = state.current();
+        let endpoint = &generation.endpoints[0];
+        let result = attempt_or_failure(&state, endpoint, || {
+            let _in_flight = endpoint.begin();
+            panic!("a bug while reading the answer");
+        });
+        assert!(matches!(result, Attempt::Failed(None)));
+        assert_eq!(endpoint.in_flight(), 0);
+        let h = endpoint.health();
+        let counts = (h.total_requests, h.failed_requests, h.consecutive_failures);
+        assert_eq!(counts, (1, 1, 1));
+        assert_eq!(h.last_error.as_deref(), Some(INTERNAL_ERROR));
+        // Without a panic, the attempt's own result passes through and nothing is recorded.
+        let result = attempt_or_failure(&state, endpoint, || Attempt::NoCountTokens);
+        assert!(matches!(result, Attempt::NoCountTokens));
+        assert_eq!(endpoint.health().total_requests, 1);
+    }
 
     #[test]
     fn backoff_grows_and_is_bounded() {

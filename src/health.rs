@@ -32,7 +32,8 @@ impl Status {
 pub enum Outcome {
     /// The upstream answered (below 400, or a client disconnect that was not its fault).
     Success,
-    /// 401 or 403: the key is bad; quarantine at once.
+    /// 401: the key is bad; quarantine at once. (A 403 is not recorded at all: it is
+    /// about the request, not the endpoint.)
     AuthFailure(String),
     /// 429: skip the endpoint until `until`; not a step towards quarantine.
     RateLimited { until: Instant, reason: String },

@@ -6,7 +6,7 @@
 //!
 //! A result's detail starts with where a failure lies, in the words `check --probe` shows
 //! a user: `connect:`, `TLS:`, `outbound proxy:` (from `upstream::describe_error`),
-//! `auth:` (401/403: the key), or `probe:` (the endpoint answered, but not as it should).
+//! `auth:` (401: the key; 403: what the key may do), or `probe:` (the endpoint answered, but not as it should).
 
 use crate::config::{Probe, ProbeKind};
 use crate::endpoint::Endpoint;
@@ -39,14 +39,16 @@ pub fn fresh_code() -> String {
         .collect()
 }
 
+/// A probe request with the endpoint's key in the header(s) its `auth` names, as a
+/// forwarded request has it.
 fn request(endpoint: &Endpoint, method: &str, path: &str) -> ureq::http::request::Builder {
-    let key = endpoint.config.api_key.expose();
-    ureq::http::Request::builder()
+    let mut builder = ureq::http::Request::builder()
         .method(method)
-        .uri(format!("{}{path}", endpoint.config.base_url))
-        .header("x-api-key", key)
-        .header("authorization", format!("Bearer {key}"))
-        .header("anthropic-version", "2023-06-01")
+        .uri(format!("{}{path}", endpoint.config.base_url));
+    for (name, value) in crate::upstream::key_headers(endpoint) {
+        builder = builder.header(name, value);
+    }
+    builder.header("anthropic-version", "2023-06-01")
 }
 
 fn wait(endpoint: &Endpoint) -> Option<Duration> {
@@ -100,6 +102,11 @@ fn refused(request: &str, status: u16) -> ProbeResult {
         Class::Auth => {
             return failed(format!(
                 "auth: {request} answered HTTP {status}: the key was refused"
+            ));
+        }
+        Class::Forbidden => {
+            return failed(format!(
+                "auth: {request} answered HTTP {status}: the key may not make this request"
             ));
         }
         Class::RateLimited => ": rate limited",

@@ -43,8 +43,8 @@ impl ClientRequest {
 
 /// The headers the upstream gets: the client's, less hop-by-hop ones, `host` (ureq sets
 /// the upstream's), the framing (ureq sets it from the body), `expect` (answered locally)
-/// and the client's credentials; plus the endpoint's key both ways and a default
-/// `anthropic-version`.
+/// and the client's credentials (always, whatever `auth` says); plus the endpoint's key in
+/// the header(s) its `auth` names and a default `anthropic-version`.
 pub fn upstream_headers(request: &ClientRequest, endpoint: &Endpoint) -> HeaderMap {
     let dropped_by_connection = connection_tokens(&request.headers);
     let mut headers = HeaderMap::with_capacity(request.headers.len() + 3);
@@ -60,19 +60,36 @@ pub fn upstream_headers(request: &ClientRequest, endpoint: &Endpoint) -> HeaderM
             headers.append(name.clone(), value.clone());
         }
     }
-    let key = endpoint.config.api_key.expose();
-    if let Ok(mut v) = HeaderValue::from_str(key) {
-        v.set_sensitive(true);
-        headers.insert("x-api-key", v);
-    }
-    if let Ok(mut v) = HeaderValue::from_str(&format!("Bearer {key}")) {
-        v.set_sensitive(true);
-        headers.insert(http::header::AUTHORIZATION, v);
+    for (name, value) in key_headers(endpoint) {
+        headers.insert(name, value);
     }
     if !headers.contains_key("anthropic-version") {
         headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
     }
     headers
+}
+
+/// The header(s) that carry the endpoint's key, as its `auth` says: `x-api-key: <key>`,
+/// `authorization: Bearer <key>`, or both. Marked sensitive, so no debug output shows them.
+/// Forwarded requests and probes both take them from here.
+pub fn key_headers(endpoint: &Endpoint) -> Vec<(HeaderName, HeaderValue)> {
+    let auth = endpoint.config.auth;
+    let key = endpoint.config.api_key.expose();
+    let mut wanted = Vec::with_capacity(2);
+    if auth.sends_x_api_key() {
+        wanted.push((HeaderName::from_static("x-api-key"), key.to_string()));
+    }
+    if auth.sends_bearer() {
+        wanted.push((http::header::AUTHORIZATION, format!("Bearer {key}")));
+    }
+    wanted
+        .into_iter()
+        .filter_map(|(name, text)| {
+            let mut value = HeaderValue::from_str(&text).ok()?;
+            value.set_sensitive(true);
+            Some((name, value))
+        })
+        .collect()
 }
 
 /// Header names listed in `Connection`, which are hop-by-hop for this message.
@@ -132,8 +149,11 @@ pub enum Class {
     Success,
     /// Any 4xx other than 401, 403, 408, 429: the client's mistake, passed back untouched.
     ClientError,
-    /// 401 or 403: the endpoint's key is bad.
+    /// 401: the endpoint's key is bad.
     Auth,
+    /// 403: this endpoint may not serve this request (a model or beta its key may not
+    /// use); another endpoint may, and the key is fine for everything else.
+    Forbidden,
     /// 429.
     RateLimited,
     /// 408 or 5xx.
@@ -142,7 +162,8 @@ pub enum Class {
 
 pub fn classify(status: u16) -> Class {
     match status {
-        401 | 403 => Class::Auth,
+        401 => Class::Auth,
+        403 => Class::Forbidden,
         429 => Class::RateLimited,
         408 | 500..=599 => Class::Failure,
         400..=499 => Class::ClientError,
@@ -151,21 +172,16 @@ pub fn classify(status: u16) -> Class {
 }
 
 /// No cooldown is believed beyond a day: a bogus header must not retire an endpoint.
-const MAX_COOLDOWN: Duration = Duration::from_secs(86_400);
+pub const MAX_COOLDOWN: Duration = Duration::from_secs(86_400);
 
 /// When a rate-limited endpoint may be used again: `retry-after` (seconds or HTTP date),
-/// else the earliest `anthropic-ratelimit-*-reset`, else the configured default.
+/// else the earliest `anthropic-ratelimit-*-reset`, else the configured default; never
+/// more than `MAX_COOLDOWN` from `now`. A header that is not a number or a real date is
+/// ignored. The arithmetic is checked: whatever an upstream writes, this cannot panic.
 pub fn cooldown_until(headers: &HeaderMap, default: Duration, now: Instant) -> Instant {
     let wall = SystemTime::now();
-    let until_wall = |t: SystemTime| t.duration_since(wall).unwrap_or(Duration::ZERO);
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let from_retry_after = text("retry-after").and_then(|v| {
-        v.trim()
-            .parse::<f64>()
-            .ok()
-            .and_then(|s| Duration::try_from_secs_f64(s).ok())
-            .or_else(|| crate::time::parse_http_date(v).map(until_wall))
-    });
+    let from_retry_after = text("retry-after").and_then(|v| retry_after(v, wall));
     let from_reset = || {
         headers
             .iter()
@@ -175,10 +191,39 @@ pub fn cooldown_until(headers: &HeaderMap, default: Duration, now: Instant) -> I
             })
             .filter_map(|(_, v)| crate::time::parse_rfc3339(v.to_str().ok()?))
             .min()
-            .map(until_wall)
+            .map(|t| wait_until(t, wall))
     };
-    let wait = from_retry_after.or_else(from_reset).unwrap_or(default);
-    now + wait.min(MAX_COOLDOWN)
+    let wait = from_retry_after
+        .or_else(from_reset)
+        .unwrap_or(default)
+        .min(MAX_COOLDOWN);
+    now.checked_add(wait).unwrap_or(now)
+}
+
+/// `retry-after` as a wait: delay-seconds, or an HTTP date (a date past is no wait).
+fn retry_after(value: &str, wall: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    delay_seconds(value)
+        .or_else(|| crate::time::parse_http_date(value).map(|t| wait_until(t, wall)))
+}
+
+/// RFC 9110's delay-seconds (ASCII digits), with a fraction allowed since some relays send
+/// one. A number too large for a `Duration` is a very long wait: `MAX_COOLDOWN`. A sign,
+/// an exponent, `inf` or `NaN` is not delay-seconds.
+fn delay_seconds(value: &str) -> Option<Duration> {
+    let (whole, fraction) = value.split_once('.').unwrap_or((value, "0"));
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    // Digits and one dot always parse, to infinity at worst, never to NaN.
+    let seconds: f64 = value.parse().ok()?;
+    Some(Duration::try_from_secs_f64(seconds).map_or(MAX_COOLDOWN, |d| d.min(MAX_COOLDOWN)))
+}
+
+/// The wait from `wall` until `t`: none if `t` is past.
+fn wait_until(t: SystemTime, wall: SystemTime) -> Duration {
+    t.duration_since(wall).unwrap_or(Duration::ZERO)
 }
 
 /// A plain-words reason for a failed call, for logs, `last_error` and `check --probe`
@@ -336,11 +381,75 @@ mod tests {
         assert_eq!(classify(404), Class::ClientError);
         assert_eq!(classify(413), Class::ClientError);
         assert_eq!(classify(401), Class::Auth);
-        assert_eq!(classify(403), Class::Auth);
+        assert_eq!(classify(403), Class::Forbidden);
         assert_eq!(classify(408), Class::Failure);
         assert_eq!(classify(429), Class::RateLimited);
         assert_eq!(classify(500), Class::Failure);
         assert_eq!(classify(529), Class::Failure);
+    }
+
+    /// Whatever an upstream writes in `retry-after` or a reset header, the cooldown is the
+    /// header's (clamped to `MAX_COOLDOWN`), or the default when the header is not a number
+    /// or a real date; never a panic.
+    #[test]
+    fn hostile_cooldown_headers_give_a_bounded_cooldown_and_never_panic() {
+        let now = Instant::now();
+        let default = Duration::from_secs(30);
+        let huge_digits = "9".repeat(10_000);
+        let retry_afters = [
+            ("Wed, 21 Oct 400000000000 07:28:00 GMT", default),
+            ("Wed, 21 Oct 9999999 07:28:00 GMT", default),
+            ("Fri, 31 Dec 9999 23:59:59 GMT", MAX_COOLDOWN),
+            ("Sat, 01 Jan 0000 00:00:00 GMT", Duration::ZERO),
+            ("Sun, 30 Feb 2031 00:00:00 GMT", default),
+            ("Wed, 21 Oct 2031 25:00:00 GMT", default),
+            ("99999999999999999999", MAX_COOLDOWN),
+            ("18446744073709551616", MAX_COOLDOWN),
+            (huge_digits.as_str(), MAX_COOLDOWN),
+            ("86401", MAX_COOLDOWN),
+            ("0", Duration::ZERO),
+            (" 7 ", Duration::from_secs(7)),
+            ("1.5", Duration::from_millis(1500)),
+            ("-5", default),
+            ("+5", default),
+            ("1e3", default),
+            ("NaN", default),
+            ("inf", default),
+            ("infinity", default),
+            ("0x10", default),
+            ("5.", default),
+            (".5", default),
+            ("1.2.3", default),
+            ("", default),
+        ];
+        for (value, expected) in retry_afters {
+            let mut h = HeaderMap::new();
+            h.insert("retry-after", HeaderValue::from_str(value).unwrap());
+            let wait = cooldown_until(&h, default, now) - now;
+            assert_eq!(wait, expected, "retry-after: {value:?}");
+        }
+        let resets = [
+            ("9999-12-31T23:59:59Z", MAX_COOLDOWN),
+            ("0000-01-01T00:00:00Z", Duration::ZERO),
+            ("4000000000-01-01T00:00:00Z", default),
+            ("2031-02-30T00:00:00Z", default),
+            ("2031-01-01T00:00:00+99:99", default),
+        ];
+        for (value, expected) in resets {
+            let mut h = HeaderMap::new();
+            h.insert(
+                "anthropic-ratelimit-requests-reset",
+                HeaderValue::from_str(value).unwrap(),
+            );
+            let wait = cooldown_until(&h, default, now) - now;
+            assert_eq!(wait, expected, "reset: {value:?}");
+        }
+        // A configured default beyond a day is clamped too.
+        let forever = Duration::from_secs(u64::MAX);
+        assert_eq!(
+            cooldown_until(&HeaderMap::new(), forever, now) - now,
+            MAX_COOLDOWN
+        );
     }
 
     #[test]

@@ -124,6 +124,34 @@ fn check_accepts_a_valid_config_with_exit_0_printing_endpoint_ids_and_never_the_
     }
 }
 
+#[test]
+fn check_prints_each_endpoints_auth_and_refuses_an_unknown_one_naming_the_field() {
+    let text = format!(
+        r#"{{"endpoints": [{{"name": "main", "base_url": "http://127.0.0.1:9", "api_key": "{KEY}"}},
+                           {{"name": "oauth", "base_url": "http://127.0.0.1:10", "api_key": "{KEY}",
+                             "auth": "bearer"}}]}}"#
+    );
+    let run = check(&text);
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+    let line = |name: &str| {
+        let found = run.stdout.lines().find(|l| l.starts_with(name));
+        found.unwrap_or_else(|| panic!("no {name} line in {}", run.stdout))
+    };
+    assert!(
+        run.stdout.lines().any(|l| l.contains(" auth ")),
+        "{}",
+        run.stdout
+    );
+    assert!(line("main ").contains(" both "), "{}", run.stdout);
+    assert!(line("oauth ").contains(" bearer "), "{}", run.stdout);
+    let text = format!(
+        r#"{{"endpoints": [{{"base_url": "http://127.0.0.1:9", "api_key": "{KEY}"}},
+                           {{"base_url": "http://127.0.0.1:10", "api_key": "{KEY}", "auth": "basic"}}]}}"#
+    );
+    let run = check(&text);
+    assert_refused_naming(&run, &[r#"endpoints[1].auth: "basic" must be"#]);
+}
+
 /// `failover-proxy mock`: prints its URL, answers with its fault, stops on SIGINT with a
 /// count; an unknown fault is a usage error.
 #[test]

@@ -1,5 +1,5 @@
 //! Failover through the real proxy over loopback: a broken primary in front of a healthy
-//! secondary, the 401 and 429 rules, and what the client gets when every attempt failed.
+//! secondary, the 401, 403 and 429 rules, and what the client gets when every attempt failed.
 
 use crate::support::*;
 use failover_proxy::mock::{Fault, MockUpstream};
@@ -135,6 +135,61 @@ fn a_401_puts_the_endpoint_in_the_failure_queue_after_one_request() {
     assert_eq!((primary.requests(), secondary.requests()), (1, 2));
 }
 
+/// A health record as a never-used endpoint has it.
+fn assert_untouched(health: &Value) {
+    assert_eq!(health["status"], "unknown", "{health}");
+    assert_eq!(health["total_requests"], 0, "{health}");
+    assert_eq!(health["failed_requests"], 0, "{health}");
+    assert_eq!(health["consecutive_failures"], 0, "{health}");
+    assert_eq!(health["last_error"], Value::Null, "{health}");
+}
+
+#[test]
+fn a_403_fails_over_and_leaves_the_first_endpoints_health_untouched() {
+    let primary = named("primary", Fault::Status(403));
+    let secondary = named("secondary", Fault::None);
+    let proxy = proxy_with_primary(&primary.url(), json!({}), &secondary);
+    let before = proxy.endpoint_stats(0)["health_status"].clone();
+    assert_untouched(&before);
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("x-mock-upstream"), Some("secondary"));
+    assert_eq!((primary.requests(), secondary.requests()), (1, 1));
+    let primary_stats = proxy.endpoint_stats(0);
+    assert_eq!(primary_stats["health_status"], before);
+    assert_eq!(primary_stats["cooldown_until"], Value::Null);
+    assert_eq!(primary_stats["is_healthy"], true);
+    let stats = proxy.stats();
+    assert_eq!(stats["failed_endpoints"], json!([]));
+    assert_eq!(stats["failure_queue_stats"]["total_failed"], 0);
+    // Neither queued nor cooling: the next request asks the primary first again.
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.header("x-mock-upstream"), Some("secondary"));
+    assert_eq!((primary.requests(), secondary.requests()), (2, 2));
+    assert_eq!(proxy.endpoint_stats(0)["health_status"], before);
+}
+
+#[test]
+fn when_every_endpoint_answers_403_the_client_gets_the_last_403_as_it_came() {
+    let first = named("first", Fault::Status(403));
+    let second = named("second", Fault::Status(403));
+    let proxy = two_failing_endpoints(&first.url(), &second.url());
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.status, 403, "{}", answer.text());
+    assert_eq!(answer.header("x-mock-upstream"), Some("second"));
+    let expected =
+        json!({"type": "error", "error": {"type": "permission_error", "message": "mock fault"}});
+    assert_eq!(answer.json(), expected);
+    // A 403 is not retried on the endpoint that gave it: one attempt each.
+    assert_eq!((first.requests(), second.requests()), (1, 1));
+    let stats = proxy.stats();
+    assert_eq!(stats["failed_requests"], 1);
+    assert_eq!(stats["failed_endpoints"], json!([]));
+    for i in 0..2 {
+        assert_untouched(&proxy.endpoint_stats(i)["health_status"]);
+    }
+}
+
 #[test]
 fn a_429_with_retry_after_2_skips_the_endpoint_for_2_seconds_then_uses_it_again() {
     let limited = Fault::RateLimited {
@@ -179,6 +234,56 @@ fn a_429_with_retry_after_2_skips_the_endpoint_for_2_seconds_then_uses_it_again(
     assert_eq!(answer.status, 200, "{}", answer.text());
     assert_eq!(answer.header("x-mock-upstream"), Some("primary"));
     assert_eq!(primary.requests(), 2);
+}
+
+/// Issue 12: this date overflowed the clock arithmetic and panicked the worker, so the
+/// client got nothing and the healthy secondary was never tried.
+#[test]
+fn a_429_whose_retry_after_overflows_the_clock_fails_over_and_cools_down_at_most_a_day() {
+    let limited = Fault::RateLimited {
+        retry_after: Some("Wed, 21 Oct 400000000000 07:28:00 GMT".into()),
+    };
+    let primary = named("primary", limited);
+    let secondary = named("secondary", Fault::None);
+    let endpoints = [
+        endpoint_json(0, &primary.url(), json!({})),
+        endpoint_json(1, &secondary.url(), json!({})),
+    ];
+    let config = json!({"endpoints": endpoints, "recovery_interval": NO_RECOVERY,
+                        "rate_limit_cooldown": 600});
+    let proxy = Proxy::start(&[], config);
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.status, 200, "{}", answer.text());
+    assert_eq!(answer.header("x-mock-upstream"), Some("secondary"));
+    assert_eq!((primary.requests(), secondary.requests()), (1, 1));
+    // Alive, and the primary is skipped while it cools down.
+    let answer = send_message(&agent(), &proxy.url, &[]);
+    assert_eq!(answer.header("x-mock-upstream"), Some("secondary"));
+    assert_eq!((primary.requests(), secondary.requests()), (1, 2));
+    // The date is not a date: the cooldown is rate_limit_cooldown, within MAX_COOLDOWN.
+    let until = proxy.state.current().endpoints[0]
+        .health()
+        .cooldown_until
+        .expect("the primary cools down");
+    let now = Instant::now();
+    assert!(until <= now + failover_proxy::upstream::MAX_COOLDOWN);
+    assert!(
+        until <= now + Duration::from_secs(600),
+        "not rate_limit_cooldown"
+    );
+    let primary_stats = proxy.endpoint_stats(0);
+    let health = &primary_stats["health_status"];
+    assert_eq!(health["failed_requests"], 1, "{health}");
+    assert_eq!(health["consecutive_failures"], 0, "{health}");
+    assert_eq!(
+        health["last_error"], "HTTP 429 (rate_limit_error): rate limited",
+        "{health}"
+    );
+    assert!(
+        primary_stats["cooldown_until"].is_string(),
+        "{primary_stats}"
+    );
+    assert_eq!(proxy.stats()["failed_endpoints"], json!([]));
 }
 
 /// Two endpoints that fail on every attempt but stay eligible (max_failures far away).

@@ -62,6 +62,71 @@ fn a_client_400_comes_back_after_one_attempt_and_leaves_health_unchanged() {
     assert_eq!(proxy.stats()["failed_endpoints"], json!([]));
 }
 
+/// The credentials an upstream request carried, in arrival order.
+fn credentials(request: &failover_proxy::mock::Recorded) -> Vec<(String, String)> {
+    let is_credential = |n: &str| n == "x-api-key" || n == "authorization";
+    let found = request.headers.iter().filter(|(n, _)| is_credential(n));
+    found.cloned().collect()
+}
+
+/// Issue 12: `auth` picks the header(s) that carry the endpoint's key, for forwarded
+/// requests and for both kinds of probe alike; the client's own credentials never pass.
+#[test]
+fn auth_chooses_the_key_headers_of_forwarded_requests_and_probes() {
+    let x_api_key = || ("x-api-key".to_string(), key(0));
+    let bearer = || ("authorization".to_string(), format!("Bearer {}", key(0)));
+    let cases = [
+        (json!({"auth": "x-api-key"}), vec![x_api_key()]),
+        (json!({"auth": "bearer"}), vec![bearer()]),
+        (json!({"auth": "both"}), vec![x_api_key(), bearer()]),
+        (json!({}), vec![x_api_key(), bearer()]),
+    ];
+    for (settings, expected) in cases {
+        let up = mock(Fault::None);
+        let endpoints = [endpoint_json(0, &up.url(), settings.clone())];
+        let proxy = Proxy::start(&[], json!({"endpoints": endpoints}));
+        let client_credentials = [
+            ("x-api-key", "client-key"),
+            ("authorization", "Bearer client-token"),
+        ];
+        let answer = send_message(&agent(), &proxy.url, &client_credentials);
+        assert_eq!(answer.status, 200, "{settings}: {}", answer.text());
+        let generation = proxy.state.current();
+        let endpoint = &generation.endpoints[0];
+        for kind in ["conversation", "http"] {
+            let config = json!({"probe": {"kind": kind}, "endpoints": [{"base_url": "http://a", "api_key": "k"}]});
+            let probe = failover_proxy::config::Config::from_json(
+                &config.to_string(),
+                &Default::default(),
+                &|_| None,
+            )
+            .expect("config")
+            .probe;
+            let result = failover_proxy::probe::run(endpoint, &probe);
+            assert!(result.recovered, "{settings} {kind}: {result:?}");
+        }
+        let recorded = up.recorded();
+        let seen: Vec<_> = recorded
+            .iter()
+            .map(|r| (r.method.as_str(), r.path.as_str()))
+            .collect();
+        let expected_requests = [
+            ("POST", "/v1/messages"),
+            ("POST", "/v1/messages"),
+            ("GET", "/v1/models"),
+        ];
+        assert_eq!(seen, expected_requests, "{settings}");
+        for request in &recorded {
+            assert_eq!(
+                credentials(request),
+                expected,
+                "{settings} {}",
+                request.path
+            );
+        }
+    }
+}
+
 /// An access token the secrets test's clients present.
 const ACCESS_TOKEN: &str = "tok-client-access-5e7a1c9b3d";
 
