@@ -271,3 +271,91 @@ pub fn reason_phrase(status: u16) -> &'static str {
         _ => "",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A writer the test can read back, and a count of the closes asked for.
+    #[derive(Clone, Default)]
+    struct Wire(Arc<parking_lot::Mutex<Vec<u8>>>, Arc<AtomicUsize>);
+
+    impl Write for Wire {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.lock().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn out(wire: &Wire, http10: bool) -> ClientOut {
+        let closes = wire.1.clone();
+        ClientOut::new(Box::new(wire.clone()), http10, false)
+            .with_closer(Box::new(move || _ = closes.fetch_add(1, Ordering::SeqCst)))
+    }
+
+    fn text(wire: &Wire) -> String {
+        String::from_utf8_lossy(&wire.0.lock()).into_owned()
+    }
+
+    #[test]
+    fn an_answer_never_begun_gets_a_500_and_a_close() {
+        let wire = Wire::default();
+        drop(out(&wire, false));
+        let body = error_body("api_error", "the proxy failed to answer this request");
+        let body = String::from_utf8(body).unwrap();
+        assert!(text(&wire).starts_with("HTTP/1.1 500 "), "{}", text(&wire));
+        assert!(
+            text(&wire).ends_with(&format!("\r\n\r\n{body}")),
+            "{}",
+            text(&wire)
+        );
+        assert_eq!(wire.1.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn an_answer_left_half_written_closes_the_connection() {
+        let wire = Wire::default();
+        let mut client = out(&wire, false);
+        let mut sink = client.start(200, &[], Framing::Chunked).unwrap();
+        sink.write_piece(b"partial").unwrap();
+        drop(client);
+        assert_eq!(wire.1.load(Ordering::SeqCst), 1);
+        assert!(!text(&wire).contains("0\r\n\r\n"), "{}", text(&wire));
+    }
+
+    #[test]
+    fn a_complete_answer_keeps_the_connection_unless_only_a_close_can_end_it() {
+        let wire = Wire::default();
+        let mut client = out(&wire, false);
+        client.send(200, "text/plain", b"ok").unwrap();
+        drop(client);
+        assert_eq!(wire.1.load(Ordering::SeqCst), 0);
+
+        let wire = Wire::default();
+        let mut client = out(&wire, true);
+        let framing = client.open_ended();
+        assert_eq!(framing, Framing::Close);
+        let mut sink = client.start(200, &[], framing).unwrap();
+        sink.write_piece(b"streamed").unwrap();
+        sink.finish().unwrap();
+        assert_eq!(wire.1.load(Ordering::SeqCst), 1);
+        drop(client);
+        assert_eq!(wire.1.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn a_body_shorter_than_its_content_length_is_aborted_not_finished() {
+        let wire = Wire::default();
+        let mut client = out(&wire, false);
+        let mut sink = client.start(200, &[], Framing::Length(10)).unwrap();
+        sink.write_piece(b"four").unwrap();
+        assert!(sink.is_short());
+        assert!(sink.finish().is_err());
+        assert_eq!(wire.1.load(Ordering::SeqCst), 1);
+    }
+}

@@ -10,6 +10,7 @@ mod config_check;
 mod demo;
 mod failover;
 mod forwarding;
+mod head_fuzz;
 mod hostile;
 mod import;
 mod mock_upstream;
