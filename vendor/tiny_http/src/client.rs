@@ -138,7 +138,7 @@ impl ClientConnection {
             head.target,
             head.version,
             head.headers,
-            *self.remote_addr.as_ref().unwrap(),
+            self.remote_addr.as_ref().ok().copied().flatten(),
             data_source,
             writer,
             Some(self.state.clone()),
