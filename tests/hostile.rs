@@ -11,7 +11,6 @@ use failover_proxy::mock::{Fault, MockUpstream};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
 
 /// Two healthy mocks behind the real binary, with `extra` settings.
 fn two_behind_binary(extra: Value) -> (MockUpstream, MockUpstream, Binary) {
@@ -341,5 +340,30 @@ fn a_pipelined_request_after_a_complete_body_is_still_served() {
     assert_eq!(answer(&mut client).0, 200);
     assert_eq!(answer(&mut client).0, 200);
     assert_eq!(a.requests() + b.requests(), 2);
-    let _ = Duration::ZERO;
+}
+
+#[test]
+fn an_idle_keep_alive_connection_is_closed_after_keepalive_timeout_without_an_answer() {
+    let (_a, _b, binary) = two_behind_binary(json!({"keepalive_timeout": 0.3}));
+    let mut client = RawClient::connect(&binary.url);
+    client.send(&raw::messages_request(false, &[]));
+    assert_eq!(answer(&mut client).0, 200);
+    assert!(client.sees_close(), "an idle connection is held open");
+}
+
+#[test]
+fn a_stream_longer_than_keepalive_timeout_keeps_its_connection() {
+    let (a, b, binary) = two_behind_binary(json!({"keepalive_timeout": 0.3}));
+    let mut client = RawClient::connect(&binary.url);
+    let slow = [("x-mock-fault", "slow"), ("x-mock-delay-ms", "150")];
+    client.send(&raw::messages_request(true, &slow));
+    let head = client.read_head().unwrap();
+    assert!(head.is_chunked());
+    let body = client.read_chunked_body().unwrap();
+    let events = raw::split_events(&body);
+    assert_eq!(raw::event_name(events.last().unwrap()), "message_stop");
+    // The stream took over a second; the connection was not idle meanwhile.
+    client.send(&raw::messages_request(false, &[]));
+    assert_eq!(answer(&mut client).0, 200);
+    assert_eq!(a.requests() + b.requests(), 2);
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
-use crate::limits::{ConnState, Limits};
+use crate::limits::{Answering, ConnState, Limits};
 use crate::request::{parse_content_length, RequestCreationError};
 use crate::util::RefinedTcpStream;
 use crate::util::{SequentialReader, SequentialReaderBuilder, SequentialWriterBuilder};
@@ -108,7 +108,7 @@ impl ClientConnection {
         if self.no_more_requests || self.state.closed.load(Ordering::SeqCst) {
             return None;
         }
-        let head = read_head(reader, &self.limits, self.first)
+        let head = read_head(reader, &self.limits, &self.state, self.first)
             .and_then(|head| check_framing(&head).map(|_| head));
         self.first = false;
         let head = match head {
@@ -126,7 +126,7 @@ impl ClientConnection {
             .ok();
 
         // building the writer for the request
-        let writer = self.sink.next().unwrap();
+        let writer = Answering::new(self.sink.next().unwrap(), &self.state);
 
         // follow-up for next potential request
         let mut data_source = self.source.next().unwrap();
@@ -263,22 +263,13 @@ pub(crate) struct Head {
 fn read_head(
     reader: &mut BufReader<RefinedTcpStream>,
     limits: &Limits,
+    state: &ConnState,
     first: bool,
 ) -> Result<Head, HeadError> {
-    let idle_wait = if first {
-        limits.header_timeout
-    } else {
-        limits.keepalive_timeout
-    };
-    let mut deadline = idle_wait.map(|wait| Instant::now() + wait);
-    if reader.buffer().is_empty() {
-        match fill(reader, deadline) {
-            Err(HeadError::Refused(408, _)) if !first => return Err(HeadError::Closed),
-            other => other?,
-        }
-        if !first {
-            deadline = limits.header_timeout.map(|wait| Instant::now() + wait);
-        }
+    let mut deadline = limits.header_timeout.map(|wait| Instant::now() + wait);
+    if !first && reader.buffer().is_empty() {
+        wait_while_idle(reader, limits, state)?;
+        deadline = limits.header_timeout.map(|wait| Instant::now() + wait);
     }
     let mut left = limits.max_head_bytes;
     let mut next_line =
@@ -309,6 +300,24 @@ fn read_head(
         version,
         headers,
     })
+}
+
+/// Waits for a kept-alive connection's next request: closed silently once it has been idle
+/// for `keepalive_timeout` with no answer still being written (a client does not send its
+/// next request during a long stream).
+fn wait_while_idle(
+    reader: &mut BufReader<RefinedTcpStream>,
+    limits: &Limits,
+    state: &ConnState,
+) -> Result<(), HeadError> {
+    loop {
+        let deadline = limits.keepalive_timeout.map(|wait| Instant::now() + wait);
+        match fill(reader, deadline) {
+            Err(HeadError::Refused(408, _)) if state.answering.load(Ordering::SeqCst) > 0 => {}
+            Err(HeadError::Refused(408, _)) => return Err(HeadError::Closed),
+            other => return other,
+        }
+    }
 }
 
 /// Waits for bytes in the read buffer until `deadline`.

@@ -2,7 +2,8 @@
 //! share with the thread that reads it. Not in tiny_http 0.12: see vendor/README.md.
 
 use std::io::{BufWriter, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -51,6 +52,8 @@ pub(crate) struct ConnState {
     pub(crate) body_left: AtomicBool,
     /// The handler ended the connection (`ConnectionHandle::close`).
     pub(crate) closed: AtomicBool,
+    /// Answers still being written: the keep-alive wait runs only while there are none.
+    pub(crate) answering: AtomicUsize,
     writer: Option<SharedWriter>,
 }
 
@@ -59,6 +62,7 @@ impl ConnState {
         Arc::new(ConnState {
             body_left: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            answering: AtomicUsize::new(0),
             writer,
         })
     }
@@ -71,6 +75,37 @@ impl ConnState {
             writer.flush().ok();
             writer.get_mut().shutdown_write().ok();
         }
+    }
+}
+
+/// A request's answer writer, counted in `ConnState::answering` while it lives.
+pub(crate) struct Answering<W> {
+    inner: W,
+    state: Arc<ConnState>,
+}
+
+impl<W> Answering<W> {
+    pub(crate) fn new(inner: W, state: &Arc<ConnState>) -> Answering<W> {
+        state.answering.fetch_add(1, Ordering::SeqCst);
+        Answering {
+            inner,
+            state: state.clone(),
+        }
+    }
+}
+
+impl<W: Write> Write for Answering<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl<W> Drop for Answering<W> {
+    fn drop(&mut self) {
+        self.state.answering.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
