@@ -107,6 +107,8 @@ pub struct Probe {
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
+    /// Threads kept ready for new client connections (more are made on demand, up to one
+    /// per open connection; `max_connections` is the bound).
     pub workers: usize,
     pub strategy: Strategy,
     pub max_attempts: u32,
@@ -128,6 +130,8 @@ pub struct Config {
     pub client_body_timeout: Duration,
     /// How long an idle kept-alive client connection stays open.
     pub keepalive_timeout: Duration,
+    /// Open client connections at most; idle ones make room for new ones.
+    pub max_connections: usize,
     pub endpoints: Vec<EndpointConfig>,
 }
 
@@ -180,6 +184,7 @@ struct RawConfig {
     client_header_timeout: Option<f64>,
     client_body_timeout: Option<f64>,
     keepalive_timeout: Option<f64>,
+    max_connections: Option<usize>,
     endpoints: Vec<RawEndpoint>,
 }
 
@@ -292,6 +297,12 @@ fn validate(
     if !(1..=4096).contains(&workers) {
         return Err(format!("workers: {workers} is out of range 1..=4096"));
     }
+    let max_connections = raw.max_connections.unwrap_or(4096);
+    if !(1..=1_000_000).contains(&max_connections) {
+        return Err(format!(
+            "max_connections: {max_connections} is out of range 1..=1000000"
+        ));
+    }
     let access_tokens: Vec<Secret> = raw
         .access_tokens
         .unwrap_or_default()
@@ -349,6 +360,7 @@ fn validate(
             60.0,
         )?,
         keepalive_timeout: positive_seconds("keepalive_timeout", raw.keepalive_timeout, 75.0)?,
+        max_connections,
         endpoints,
     })
 }

@@ -33,6 +33,8 @@ pub struct ClientOut {
     pub head_request: bool,
     progress: Progress,
     closer: Option<Box<dyn Fn() + Send>>,
+    /// The answer says `connection: close`, and the connection closes after it.
+    close_after: bool,
 }
 
 /// How far the answer got.
@@ -62,6 +64,7 @@ impl ClientOut {
             head_request,
             progress: Progress::Fresh,
             closer: None,
+            close_after: false,
         }
     }
 
@@ -69,6 +72,12 @@ impl ClientOut {
     pub fn with_closer(mut self, close: Box<dyn Fn() + Send>) -> ClientOut {
         self.closer = Some(close);
         self
+    }
+
+    /// This answer is the connection's last: it says so in its head, and the connection
+    /// closes once the answer is complete (a server that is stopping).
+    pub fn close_after_answer(&mut self) {
+        self.close_after = true;
     }
 
     /// Ends the connection after what was written: no further request is read from it.
@@ -134,6 +143,9 @@ impl ClientOut {
             Framing::Close => head.extend_from_slice(b"connection: close\r\n"),
             Framing::NoBody => {}
         }
+        if self.close_after && framing != Framing::Close {
+            head.extend_from_slice(b"connection: close\r\n");
+        }
         head.extend_from_slice(b"\r\n");
         self.writer.write_all(&head)
     }
@@ -186,7 +198,7 @@ impl BodySink<'_> {
         }
         self.out.writer.flush()?;
         self.out.progress = Progress::Done;
-        if self.framing == Framing::Close {
+        if self.framing == Framing::Close || self.out.close_after {
             self.out.close();
         }
         Ok(())

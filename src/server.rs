@@ -1,27 +1,27 @@
-//! The HTTP side facing clients: tiny_http and a fixed pool of worker threads. The only
+//! The HTTP side facing clients: tiny_http, one thread per open connection. The only
 //! module that knows tiny_http.
 //!
-//! tiny_http's accept thread parses requests and queues them; `workers` threads take them
-//! with `recv()` and serve each one start to finish (read the body, forward, stream the
-//! answer). A worker is busy for as long as its stream lasts, so `workers` bounds both
-//! concurrency and the threads that can block on upstreams.
+//! The vendored tiny_http accepts connections (at most `max_connections`, idle ones making
+//! room for new ones), reads each request head on its connection's thread under the
+//! `Limits`, and calls `serve_guarded` on that same thread: the request is served start to
+//! finish there (check the head, read the body, admin or forward, stream the answer), then
+//! the thread reads the connection's next request. No request waits behind another
+//! connection's, and nothing crosses threads on the way. `workers` threads are kept ready.
 
 use crate::admin;
 use crate::config::Config;
 use crate::forward::{self, send_error};
-use crate::http_out::{ClientOut, error_body};
+use crate::http_out::{ClientOut, Framing, error_body};
 use crate::recovery::RecoveryThread;
 use crate::state::State;
 use crate::upstream::ClientRequest;
-use crossbeam_channel::{Receiver, RecvTimeoutError};
-use log::{debug, error, info, warn};
+use log::{error, info, warn};
 use std::io::ErrorKind;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::thread::JoinHandle;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use ureq::http::uri::PathAndQuery;
 use ureq::http::{HeaderName, HeaderValue, Method};
@@ -29,57 +29,58 @@ use ureq::http::{HeaderName, HeaderValue, Method};
 /// How long a shutdown waits for in-flight requests before it exits anyway.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(30);
 
+/// Connections let in beyond `max_connections` while every other one is busy: each gets
+/// its status request served (`/__qcc__/health` answers however busy the proxy is) or 529.
+const OVERFLOW_CONNECTIONS: usize = 32;
+
 pub struct Server {
-    http: Arc<tiny_http::Server>,
-    workers: Vec<JoinHandle<()>>,
-    /// Disconnected once every worker has returned (each holds a sender).
-    workers_done: Receiver<()>,
-    stopping: Arc<AtomicBool>,
+    http: tiny_http::Server,
+    serving: Arc<Serving>,
     recovery: RecoveryThread,
     addr: SocketAddr,
 }
 
+/// What every connection thread shares.
+struct Serving {
+    state: Arc<State>,
+    /// The address the listener got (the admin API's same-origin check).
+    listen: SocketAddr,
+    stopping: AtomicBool,
+    /// Requests being served now (the drain waits for 0).
+    in_flight: AtomicUsize,
+    ids: AtomicU64,
+}
+
 impl Server {
-    /// Binds the listen address of the current config and starts the workers.
+    /// Binds the listen address of the current config and starts serving.
     pub fn start(state: Arc<State>) -> Result<Server, String> {
         let generation = state.current();
-        let listen = generation.config.listen;
-        let http =
-            bind(&generation.config).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
-        let addr = http
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| format!("cannot listen on {listen}: not an IP socket"))?;
-        let http = Arc::new(http);
-        let stopping = Arc::new(AtomicBool::new(false));
-        let request_ids = Arc::new(AtomicU64::new(1));
-        let (done, workers_done) = crossbeam_channel::bounded::<()>(0);
-        let workers = (0..generation.config.workers)
-            .map(|i| {
-                let (http, state, stopping, ids, done) = (
-                    http.clone(),
-                    state.clone(),
-                    stopping.clone(),
-                    request_ids.clone(),
-                    done.clone(),
-                );
-                std::thread::Builder::new()
-                    .name(format!("worker-{i}"))
-                    .spawn(move || {
-                        worker_loop(&http, &state, &stopping, &ids, addr);
-                        drop(done);
-                    })
-                    .map_err(|e| format!("cannot start worker threads: {e}"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        drop(done);
+        let config = &generation.config;
+        let listen = config.listen;
+        raise_descriptor_limit();
+        let listener = bind(listen).map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
+        let serving = Arc::new(Serving {
+            state: state.clone(),
+            listen: addr,
+            stopping: AtomicBool::new(false),
+            in_flight: AtomicUsize::new(0),
+            ids: AtomicU64::new(1),
+        });
+        let shared = serving.clone();
+        let handler = Arc::new(move |request| serve_guarded(&shared, request));
+        let http = tiny_http::Server::from_listener_with_handler(listener, limits(config), handler)
+            .map_err(|e| format!("cannot listen on {listen}: {e}"))?;
         let recovery = RecoveryThread::start(state)?;
-        info!("listening on http://{addr} with {} workers", workers.len());
+        info!(
+            "listening on http://{addr} (at most {} connections, {} threads kept ready)",
+            config.max_connections, config.workers
+        );
         Ok(Server {
             http,
-            workers,
-            workers_done,
-            stopping,
+            serving,
             recovery,
             addr,
         })
@@ -89,37 +90,61 @@ impl Server {
         self.addr
     }
 
-    /// Stops serving: each worker finishes the request it is serving and those already
-    /// queued, then returns; the recovery thread stops after its current round. Waits at
-    /// most `grace` for all of that; returns false if something was still running then
-    /// (those threads are left to the process exit).
+    /// Stops serving: the listener closes at once, idle connections close, each request
+    /// in progress finishes (its answer says `connection: close`); the recovery thread
+    /// stops after its current round. Waits at most `grace` for all of that; returns false
+    /// if something was still running then (left to the process exit).
     pub fn shutdown(self, grace: Duration) -> bool {
         let deadline = Instant::now() + grace;
-        self.stopping.store(true, Ordering::SeqCst);
-        let drained = self.wake_workers_until_done(deadline);
-        if drained {
-            for worker in self.workers {
-                let _ = worker.join();
-            }
-        } else {
-            let busy = self.workers.iter().filter(|w| !w.is_finished()).count();
+        self.serving.stopping.store(true, Ordering::SeqCst);
+        self.http.stop_accepting();
+        let drained = self.wait_for_requests(deadline);
+        if !drained {
+            let busy = self.serving.in_flight.load(Ordering::SeqCst);
             warn!("{busy} request(s) still in flight after the grace period; not waiting");
         }
         self.recovery.stop(deadline) && drained
     }
+
+    /// Closes idle connections (again and again: a connection whose request just ended
+    /// becomes idle) until no request is in progress or `deadline` passes.
+    fn wait_for_requests(&self, deadline: Instant) -> bool {
+        loop {
+            self.http.close_idle_connections();
+            if self.serving.in_flight.load(Ordering::SeqCst) == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
-/// Binds with TCP_NODELAY set on the listening socket, so every accepted connection has
-/// it: a streamed event is one small write, and Nagle's algorithm would hold it back until
-/// the previous one was acknowledged (up to 40 ms with delayed ACKs).
-fn bind(config: &Config) -> Result<tiny_http::Server, Box<dyn std::error::Error + Send + Sync>> {
-    let listener = std::net::TcpListener::bind(config.listen)?;
+/// With TCP_NODELAY set on the listening socket, so every accepted connection has it: a
+/// streamed event is one small write, and Nagle's algorithm would hold it back until the
+/// previous one was acknowledged (up to 40 ms with delayed ACKs).
+fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind(listen)?;
     socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
-    tiny_http::Server::from_listener_with_limits(listener, None, limits(config))
+    Ok(listener)
+}
+
+/// A streaming client costs three descriptors (its socket twice, the upstream's), and
+/// systemd's default soft limit of 1024 would refuse connections long before
+/// `max_connections`: raise the soft limit to the hard one, as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do.
+fn raise_descriptor_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => log::debug!("descriptor limit {limit}"),
+        Err(e) => warn!("cannot raise the descriptor limit: {e}"),
+    }
 }
 
 /// What a client connection may send before any of our code sees a request (contract
-/// rule 8; the vendored tiny_http enforces it and answers in Anthropic's error shape).
+/// rule 8; the vendored tiny_http enforces it and answers in Anthropic's error shape),
+/// and how many connections may be open.
 fn limits(config: &Config) -> tiny_http::Limits {
     tiny_http::Limits {
         max_head_bytes: MAX_HEAD_BYTES,
@@ -128,6 +153,9 @@ fn limits(config: &Config) -> tiny_http::Limits {
         body_timeout: Some(config.client_body_timeout),
         keepalive_timeout: Some(config.keepalive_timeout),
         error_body: |status, message| ("application/json", error_body(error_kind(status), message)),
+        max_connections: Some(config.max_connections),
+        overflow_connections: OVERFLOW_CONNECTIONS,
+        ready_threads: config.workers.min(config.max_connections),
     }
 }
 
@@ -143,65 +171,26 @@ fn error_kind(status: u16) -> &'static str {
         404 => "not_found_error",
         413 => "request_too_large",
         400..=499 => "invalid_request_error",
+        529 => "overloaded_error",
         _ => "api_error",
     }
 }
 
-impl Server {
-    /// tiny_http's `unblock` queues one wake-up token that any `recv` or `try_recv` may
-    /// take, so a draining worker can eat another's token: keep handing out one token per
-    /// running worker until all have returned.
-    fn wake_workers_until_done(&self, deadline: Instant) -> bool {
-        loop {
-            let running = self.workers.iter().filter(|w| !w.is_finished()).count();
-            for _ in 0..running {
-                self.http.unblock();
-            }
-            let wait = deadline.min(Instant::now() + Duration::from_millis(50));
-            match self.workers_done.recv_deadline(wait) {
-                Err(RecvTimeoutError::Disconnected) => return true,
-                _ if Instant::now() >= deadline => return false,
-                _ => {}
-            }
-        }
-    }
-}
-
-fn worker_loop(
-    http: &tiny_http::Server,
-    state: &State,
-    stopping: &AtomicBool,
-    ids: &AtomicU64,
-    listen: SocketAddr,
-) {
-    loop {
-        match http.recv() {
-            Ok(request) => serve_guarded(state, request, ids, listen),
-            Err(_) if stopping.load(Ordering::SeqCst) => break,
-            Err(e) => debug!("recv: {e}"),
-        }
-        if stopping.load(Ordering::SeqCst) {
-            break;
-        }
-    }
-    // Requests tiny_http accepted before the stop are served, not dropped.
-    while let Ok(Some(request)) = http.try_recv() {
-        serve_guarded(state, request, ids, listen);
-    }
-}
-
-/// A bug that panics while serving one request must not take a worker out of the pool:
-/// the client gets tiny_http's 500 (or a cut response), the worker goes on.
-fn serve_guarded(state: &State, request: tiny_http::Request, ids: &AtomicU64, listen: SocketAddr) {
-    let id = ids.fetch_add(1, Ordering::Relaxed);
-    let served =
-        std::panic::catch_unwind(AssertUnwindSafe(|| serve_one(state, request, id, listen)));
+/// A bug that panics while serving one request must not take its connection thread's
+/// other work with it: the client gets a 500 (or a cut answer) and the connection closes
+/// (`ClientOut`), and the panic is logged.
+fn serve_guarded(serving: &Serving, request: tiny_http::Request) {
+    let id = serving.ids.fetch_add(1, Ordering::Relaxed);
+    serving.in_flight.fetch_add(1, Ordering::SeqCst);
+    let served = std::panic::catch_unwind(AssertUnwindSafe(|| serve_one(serving, request, id)));
+    serving.in_flight.fetch_sub(1, Ordering::SeqCst);
     if served.is_err() {
-        error!("#{id}: the worker panicked while serving this request");
+        error!("#{id}: a panic while serving this request");
     }
 }
 
-fn serve_one(state: &State, mut request: tiny_http::Request, id: u64, listen: SocketAddr) {
+fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
+    let (state, listen) = (&*serving.state, serving.listen);
     let started = Instant::now();
     let remote = request.remote_addr().copied();
     let http10 = request.http_version() == &tiny_http::HTTPVersion(1, 0);
@@ -212,7 +201,11 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64, listen: So
     let generation = state.current();
     let config = &generation.config;
     let connection = request.connection();
+    let overflow = connection.as_ref().is_some_and(|c| c.is_overflow());
     let checked = check_head(config, &request).and_then(|mut head| {
+        if overflow && !admin::is_admin_path(&head.target) {
+            return Err(overloaded());
+        }
         if admin::is_admin_path(&head.target) {
             admin::access(config, listen, remote, &head)
                 .map_err(|denied| (403, "permission_error", denied.0.into()))?;
@@ -224,10 +217,13 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64, listen: So
     });
     let mut out = ClientOut::new(request.into_writer(), http10, head)
         .with_closer(Box::new(move || connection.iter().for_each(|c| c.close())));
+    if serving.stopping.load(Ordering::SeqCst) || overflow {
+        out.close_after_answer();
+    }
     let request = match checked {
         Ok(r) => r,
         Err((status, kind, message)) => {
-            send_error(&mut out, status, kind, &message);
+            send_refusal(&mut out, status, kind, &message);
             // The body may be unread: what follows on the connection is not a request.
             out.close();
             info!("#{id} {line} → {status} ({message})");
@@ -236,7 +232,7 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64, listen: So
     };
     if admin::is_admin_path(&request.target) {
         let status = admin::serve(state, &request, remote, listen, &mut out);
-        debug!("#{id} {line} → {status} (admin)");
+        log::debug!("#{id} {line} → {status} (admin)");
         return;
     }
     let served = forward::forward(state, &generation, &request, &mut out);
@@ -254,6 +250,29 @@ fn serve_one(state: &State, mut request: tiny_http::Request, id: u64, listen: So
 }
 
 type Rejection = (u16, &'static str, String);
+
+/// A connection let in beyond `max_connections` gets this for anything but the admin API.
+fn overloaded() -> Rejection {
+    let message = "every connection the proxy may hold is busy (max_connections); retry shortly";
+    (529, "overloaded_error", message.into())
+}
+
+/// A refusal in Anthropic's error shape; 529 says when to retry, as Anthropic's does.
+fn send_refusal(out: &mut ClientOut, status: u16, kind: &str, message: &str) {
+    if status != 529 {
+        return send_error(out, status, kind, message);
+    }
+    let body = error_body(kind, message);
+    let headers = [
+        ("content-type", &b"application/json"[..]),
+        ("retry-after", &b"1"[..]),
+    ];
+    if let Ok(mut sink) = out.start(529, &headers, Framing::Length(body.len() as u64))
+        && sink.write_piece(&body).is_ok()
+    {
+        let _client_may_be_gone = sink.finish();
+    }
+}
 
 /// The request head as the upstream request will carry it (body still unread): 400 for a
 /// target, method or header the upstream request could not carry, 413 for a declared

@@ -97,6 +97,17 @@ impl ClientConnection {
         self.secure
     }
 
+    /// What this connection's requests and the registry share.
+    pub(crate) fn state(&self) -> &Arc<ConnState> {
+        &self.state
+    }
+
+    /// Answers `status` on the connection thread itself and closes (a connection refused
+    /// before any request was read).
+    pub(crate) fn refuse_now(&mut self, status: u16, message: &str) {
+        refuse(&mut self.sink, &self.state, &self.limits, status, message);
+    }
+
     /// Reads the next request head and makes it a `Request`; on a refusal, answers it and
     /// lingers. `None`: the connection is done.
     fn read(&mut self) -> Option<Request> {
@@ -108,6 +119,7 @@ impl ClientConnection {
         if self.no_more_requests || self.state.closed.load(Ordering::SeqCst) {
             return None;
         }
+        self.state.set_idle();
         let head = read_head(reader, &self.limits, &self.state, self.first)
             .and_then(|head| check_framing(&head).map(|_| head));
         self.first = false;
@@ -213,8 +225,14 @@ fn refuse(
     message: &str,
 ) {
     let (content_type, body) = (limits.error_body)(status, message);
+    // Clients retry an overloaded (529) or unavailable (503) answer: say when.
+    let retry = if status == 529 || status == 503 {
+        "retry-after: 1\r\n"
+    } else {
+        ""
+    };
     let head = format!(
-        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\n{retry}connection: close\r\n\r\n",
         StatusCode(status).default_reason_phrase(),
         body.len()
     );
@@ -267,9 +285,17 @@ fn read_head(
     first: bool,
 ) -> Result<Head, HeadError> {
     let mut deadline = limits.header_timeout.map(|wait| Instant::now() + wait);
-    if !first && reader.buffer().is_empty() {
-        wait_while_idle(reader, limits, state)?;
-        deadline = limits.header_timeout.map(|wait| Instant::now() + wait);
+    if reader.buffer().is_empty() {
+        if first {
+            fill(reader, deadline)?;
+        } else {
+            wait_while_idle(reader, limits, state)?;
+            deadline = limits.header_timeout.map(|wait| Instant::now() + wait);
+        }
+    }
+    // Busy from the first byte of a head: no longer a candidate for eviction.
+    if !state.try_busy() {
+        return Err(HeadError::Closed);
     }
     let mut left = limits.max_head_bytes;
     let mut next_line =

@@ -106,8 +106,9 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use client::ClientConnection;
+use accept::{Accept, Deliver};
 use connection::Connection;
+use registry::Registry;
 use util::MessagesQueue;
 
 pub use common::{HTTPVersion, Header, HeaderField, Method, StatusCode};
@@ -120,7 +121,9 @@ pub use test::TestRequest;
 mod client;
 mod common;
 mod connection;
+mod accept;
 mod limits;
+mod registry;
 mod request;
 mod response;
 mod ssl;
@@ -142,6 +145,9 @@ pub struct Server {
 
     // result of TcpListener::local_addr()
     listening_addr: ListenAddr,
+
+    // the open client connections
+    registry: Arc<Registry>,
 }
 
 enum Message {
@@ -248,128 +254,99 @@ impl Server {
         Self::from_listener_with_limits(listener, ssl_config, Limits::default())
     }
 
-    /// `from_listener`, with bounds on what each client connection may send.
+    /// `from_listener`, with bounds on what each client connection may send; requests
+    /// are queued for `recv`.
     pub fn from_listener_with_limits<L: Into<Listener>>(
         listener: L,
         ssl_config: Option<SslConfig>,
         limits: Limits,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        let messages = MessagesQueue::with_capacity(8);
+        let queue = messages.clone();
+        let deliver = Deliver::Queue(queue);
+        Self::start(listener.into(), ssl_config, limits, messages, deliver)
+    }
+
+    /// Serves every request of a connection on that connection's own thread: `handler` is
+    /// called with each request in turn and the next head is read once it returns. No
+    /// request waits for another connection's, and nothing crosses threads on the way.
+    /// `recv` gets nothing from such a server.
+    pub fn from_listener_with_handler<L: Into<Listener>>(
+        listener: L,
+        limits: Limits,
+        handler: Arc<dyn Fn(Request) + Send + Sync>,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
+        let messages = MessagesQueue::with_capacity(1);
+        Self::start(listener.into(), None, limits, messages, Deliver::Handler(handler))
+    }
+
+    fn start(
+        listener: Listener,
+        ssl_config: Option<SslConfig>,
+        limits: Limits,
+        messages: Arc<MessagesQueue<Message>>,
+        deliver: Deliver,
+    ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let limits = Arc::new(limits);
-        let listener = listener.into();
         // building the "close" variable
         let close_trigger = Arc::new(AtomicBool::new(false));
+        let local_addr = listener.local_addr()?;
+        log::debug!("Server listening on {}", local_addr);
 
-        // building the TcpListener
-        let (server, local_addr) = {
-            let local_addr = listener.local_addr()?;
-            log::debug!("Server listening on {}", local_addr);
-            (listener, local_addr)
-        };
-
-        // building the SSL capabilities
-        #[cfg(all(feature = "ssl-openssl", feature = "ssl-rustls"))]
-        compile_error!(
-            "Features 'ssl-openssl' and 'ssl-rustls' must not be enabled at the same time"
+        if ssl_config.is_some() {
+            return Err("this copy of tiny_http serves plain HTTP only".into());
+        }
+        let registry = Registry::new(
+            limits.max_connections.unwrap_or(usize::MAX - limits.overflow_connections),
+            limits.overflow_connections,
         );
-        #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-        type SslContext = ();
-        #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-        type SslContext = crate::ssl::SslContextImpl;
-        let ssl: Option<SslContext> = {
-            match ssl_config {
-                #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                Some(config) => Some(SslContext::from_pem(
-                    config.certificate,
-                    Zeroizing::new(config.private_key),
-                )?),
-                #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                Some(_) => return Err(
-                    "Building a server with SSL requires enabling the `ssl` feature in tiny-http"
-                        .into(),
-                ),
-                None => None,
-            }
+        let accept = Accept {
+            listener,
+            close: close_trigger.clone(),
+            limits,
+            registry: registry.clone(),
+            deliver,
         };
+        thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || accept.run())?;
 
-        // creating a task where server.accept() is continuously called
-        // and ClientConnection objects are pushed in the messages queue
-        let messages = MessagesQueue::with_capacity(8);
-
-        let inside_close_trigger = close_trigger.clone();
-        let inside_messages = messages.clone();
-        thread::spawn(move || {
-            // a tasks pool is used to dispatch the connections into threads
-            let tasks_pool = util::TaskPool::new();
-
-            log::debug!("Running accept thread");
-            while !inside_close_trigger.load(Relaxed) {
-                let new_client = match server.accept() {
-                    Ok((sock, _)) => {
-                        use util::RefinedTcpStream;
-                        let (read_closable, write_closable) = match ssl {
-                            None => RefinedTcpStream::new(sock),
-                            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
-                            Some(ref ssl) => {
-                                // trying to apply SSL over the connection
-                                // if an error occurs, we just close the socket and resume listening
-                                let sock = match ssl.accept(sock) {
-                                    Ok(s) => s,
-                                    Err(_) => continue,
-                                };
-
-                                RefinedTcpStream::new(sock)
-                            }
-                            #[cfg(not(any(feature = "ssl-openssl", feature = "ssl-rustls")))]
-                            Some(ref _ssl) => unreachable!(),
-                        };
-
-                        Ok(ClientConnection::new(
-                            write_closable,
-                            read_closable,
-                            limits.clone(),
-                        ))
-                    }
-                    Err(e) => Err(e),
-                };
-
-                match new_client {
-                    Ok(client) => {
-                        let messages = inside_messages.clone();
-                        let mut client = Some(client);
-                        tasks_pool.spawn(Box::new(move || {
-                            if let Some(client) = client.take() {
-                                // Synchronization is needed for HTTPS requests to avoid a deadlock
-                                if client.secure() {
-                                    let (sender, receiver) = mpsc::channel();
-                                    for rq in client {
-                                        messages.push(rq.with_notify_sender(sender.clone()).into());
-                                        receiver.recv().unwrap();
-                                    }
-                                } else {
-                                    for rq in client {
-                                        messages.push(rq.into());
-                                    }
-                                }
-                            }
-                        }));
-                    }
-
-                    Err(e) => {
-                        log::error!("Error accepting new client: {}", e);
-                        inside_messages.push(e.into());
-                        break;
-                    }
-                }
-            }
-            log::debug!("Terminating accept thread");
-        });
-
-        // result
         Ok(Server {
             messages,
             close: close_trigger,
             listening_addr: local_addr,
+            registry,
         })
+    }
+
+    /// Stops accepting: the listening socket closes within moments (the accept thread is
+    /// woken by a connection of our own). Connections already open are not touched.
+    pub fn stop_accepting(&self) {
+        if self.close.swap(true, Relaxed) {
+            return;
+        }
+        let maybe_stream = match &self.listening_addr {
+            ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),
+            #[cfg(unix)]
+            ListenAddr::Unix(addr) => match addr.as_pathname() {
+                Some(path) => std::os::unix::net::UnixStream::connect(path).map(Connection::from),
+                None => return,
+            },
+        };
+        if let Ok(stream) = maybe_stream {
+            let _ = stream.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Closes every connection that waits for a request that has not begun; returns how
+    /// many.
+    pub fn close_idle_connections(&self) -> usize {
+        self.registry.close_idle()
+    }
+
+    /// Client connections open now.
+    pub fn open_connections(&self) -> usize {
+        self.registry.len()
     }
 
     /// Returns an iterator for all the incoming requests.
@@ -436,20 +413,7 @@ impl Iterator for IncomingRequests<'_> {
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.close.store(true, Relaxed);
-        // Connect briefly to ourselves to unblock the accept thread
-        let maybe_stream = match &self.listening_addr {
-            ListenAddr::IP(addr) => TcpStream::connect(addr).map(Connection::from),
-            #[cfg(unix)]
-            ListenAddr::Unix(addr) => {
-                // TODO: use connect_addr when its stabilized.
-                let path = addr.as_pathname().unwrap();
-                std::os::unix::net::UnixStream::connect(path).map(Connection::from)
-            }
-        };
-        if let Ok(stream) = maybe_stream {
-            let _ = stream.shutdown(Shutdown::Both);
-        }
+        self.stop_accepting();
 
         #[cfg(unix)]
         if let ListenAddr::Unix(addr) = &self.listening_addr {

@@ -3,9 +3,9 @@
 
 use std::io::{BufWriter, Write};
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use crate::util::RefinedTcpStream;
 
@@ -28,6 +28,13 @@ pub struct Limits {
     pub keepalive_timeout: Option<Duration>,
     /// The body of the answers written by the connection thread: (content type, body).
     pub error_body: fn(status: u16, message: &str) -> (&'static str, Vec<u8>),
+    /// Open client connections at most (see `registry.rs`); None: no bound.
+    pub max_connections: Option<usize>,
+    /// Connections let in beyond `max_connections` while every other one is busy, for the
+    /// handler to answer at once (status requests, or 529).
+    pub overflow_connections: usize,
+    /// Threads kept ready for new connections.
+    pub ready_threads: usize,
 }
 
 impl Default for Limits {
@@ -39,6 +46,9 @@ impl Default for Limits {
             body_timeout: None,
             keepalive_timeout: None,
             error_body: |_, message| ("text/plain", message.as_bytes().to_vec()),
+            max_connections: None,
+            overflow_connections: 0,
+            ready_threads: 4,
         }
     }
 }
@@ -54,7 +64,23 @@ pub(crate) struct ConnState {
     pub(crate) closed: AtomicBool,
     /// Answers still being written: the keep-alive wait runs only while there are none.
     pub(crate) answering: AtomicUsize,
+    /// `IDLE`, `BUSY` or `EVICTED` (see `registry.rs`).
+    phase: AtomicU8,
+    /// When the connection last became idle, in milliseconds since `epoch()`.
+    pub(crate) idle_since: AtomicU64,
+    /// Let in beyond `max_connections` while every other connection was busy.
+    pub(crate) overflow: AtomicBool,
     writer: Option<SharedWriter>,
+}
+
+const IDLE: u8 = 0;
+const BUSY: u8 = 1;
+const EVICTED: u8 = 2;
+
+/// The instant `idle_since` counts from.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
 }
 
 impl ConnState {
@@ -63,8 +89,48 @@ impl ConnState {
             body_left: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             answering: AtomicUsize::new(0),
+            phase: AtomicU8::new(IDLE),
+            idle_since: AtomicU64::new(epoch().elapsed().as_millis() as u64),
+            overflow: AtomicBool::new(false),
             writer,
         })
+    }
+
+    /// The connection waits for a request that has not begun (unless it was evicted).
+    pub(crate) fn set_idle(&self) {
+        let now = epoch().elapsed().as_millis() as u64;
+        self.idle_since.store(now, Ordering::SeqCst);
+        let _evicted_stays_evicted =
+            self.phase
+                .compare_exchange(BUSY, IDLE, Ordering::SeqCst, Ordering::SeqCst);
+    }
+
+    /// A request has begun; false when the connection was evicted first.
+    pub(crate) fn try_busy(&self) -> bool {
+        self.phase
+            .compare_exchange(IDLE, BUSY, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+            || self.phase.load(Ordering::SeqCst) == BUSY
+    }
+
+    pub(crate) fn is_idle(&self) -> bool {
+        self.phase.load(Ordering::SeqCst) == IDLE
+    }
+
+    /// Closes an idle connection to make room: its thread's read ends at once. False when
+    /// it is not idle (a request began meanwhile).
+    pub(crate) fn evict(&self) -> bool {
+        let evicted = self
+            .phase
+            .compare_exchange(IDLE, EVICTED, Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok();
+        if evicted {
+            if let Some(writer) = &self.writer {
+                let mut writer = writer.lock().unwrap_or_else(|e| e.into_inner());
+                writer.get_mut().shutdown_both().ok();
+            }
+        }
+        evicted
     }
 
     /// Flushes what was written and sends end-of-stream.
@@ -119,5 +185,11 @@ impl ConnectionHandle {
     /// and no further request is read from this connection.
     pub fn close(&self) {
         self.0.close();
+    }
+
+    /// True for a connection let in beyond `max_connections` while every other one was
+    /// busy: the handler should answer it at once.
+    pub fn is_overflow(&self) -> bool {
+        self.0.overflow.load(Ordering::SeqCst)
     }
 }

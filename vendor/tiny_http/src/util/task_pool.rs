@@ -13,6 +13,9 @@ pub struct TaskPool {
 }
 
 struct Sharing {
+    // threads kept waiting for tasks however long they wait
+    min_threads: usize,
+
     // list of the tasks to be done by worker threads
     todo: Mutex<VecDeque<Box<dyn FnMut() + Send>>>,
 
@@ -26,8 +29,6 @@ struct Sharing {
     waiting_tasks: AtomicUsize,
 }
 
-/// Minimum number of active threads.
-static MIN_THREADS: usize = 4;
 
 struct Registration<'a> {
     nb: &'a AtomicUsize,
@@ -47,9 +48,11 @@ impl<'a> Drop for Registration<'a> {
 }
 
 impl TaskPool {
-    pub fn new() -> TaskPool {
+    /// A pool that keeps `min_threads` threads ready.
+    pub fn new(min_threads: usize) -> TaskPool {
         let pool = TaskPool {
             sharing: Arc::new(Sharing {
+                min_threads,
                 todo: Mutex::new(VecDeque::new()),
                 condvar: Condvar::new(),
                 active_tasks: AtomicUsize::new(0),
@@ -57,16 +60,20 @@ impl TaskPool {
             }),
         };
 
-        for _ in 0..MIN_THREADS {
-            pool.add_thread(None)
+        for _ in 0..min_threads {
+            if let Err(e) = pool.add_thread(None) {
+                log::warn!("cannot start a ready thread: {e}");
+                break;
+            }
         }
 
         pool
     }
 
     /// Executes a function in a thread.
-    /// If no thread is available, spawns a new one.
-    pub fn spawn(&self, code: Box<dyn FnMut() + Send>) {
+    /// If no thread is available, spawns a new one; if that fails (the process is out of
+    /// threads), the function is dropped unrun and the error returned.
+    pub fn spawn(&self, code: Box<dyn FnMut() + Send>) -> std::io::Result<()> {
         let mut queue = self.sharing.todo.lock().unwrap();
 
         // failover-proxy patch: a thread woken for a task already queued still counts as
@@ -74,17 +81,19 @@ impl TaskPool {
         // that were all spoken for; those connections then waited for an unrelated one to
         // close. Spawn unless there are more idle threads than tasks already queued.
         if self.sharing.waiting_tasks.load(Ordering::Acquire) <= queue.len() {
-            self.add_thread(Some(code));
+            drop(queue);
+            self.add_thread(Some(code))
         } else {
             queue.push_back(code);
             self.sharing.condvar.notify_one();
+            Ok(())
         }
     }
 
-    fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) {
+    fn add_thread(&self, initial_fn: Option<Box<dyn FnMut() + Send>>) -> std::io::Result<()> {
         let sharing = self.sharing.clone();
 
-        thread::spawn(move || {
+        let spawned = thread::Builder::new().name("conn".into()).spawn(move || {
             let sharing = sharing;
             let _active_guard = Registration::new(&sharing.active_tasks);
 
@@ -105,7 +114,7 @@ impl TaskPool {
                         let _waiting_guard = Registration::new(&sharing.waiting_tasks);
 
                         let received =
-                            if sharing.active_tasks.load(Ordering::Acquire) <= MIN_THREADS {
+                            if sharing.active_tasks.load(Ordering::Acquire) <= sharing.min_threads {
                                 todo = sharing.condvar.wait(todo).unwrap();
                                 true
                             } else {
@@ -128,6 +137,7 @@ impl TaskPool {
                 task();
             }
         });
+        spawned.map(drop)
     }
 }
 
