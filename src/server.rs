@@ -124,12 +124,21 @@ impl Server {
 
 /// With TCP_NODELAY set on the listening socket, so every accepted connection has it: a
 /// streamed event is one small write, and Nagle's algorithm would hold it back until the
-/// previous one was acknowledged (up to 40 ms with delayed ACKs).
+/// previous one was acknowledged (up to 40 ms with delayed ACKs). The backlog is the
+/// kernel's maximum, not std's 128: a burst of new clients beyond the backlog has its SYNs
+/// dropped and waits a second for the retransmission.
 fn bind(listen: SocketAddr) -> std::io::Result<std::net::TcpListener> {
-    let listener = std::net::TcpListener::bind(listen)?;
-    socket2::SockRef::from(&listener).set_tcp_nodelay(true)?;
-    Ok(listener)
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(listen), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&listen.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket.into())
 }
+
+/// The kernel caps it at `net.core.somaxconn` (4096 by default since Linux 5.4).
+const LISTEN_BACKLOG: i32 = 4096;
 
 /// A streaming client costs three descriptors (its socket twice, the upstream's), and
 /// systemd's default soft limit of 1024 would refuse connections long before

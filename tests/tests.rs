@@ -4,6 +4,7 @@ mod support;
 
 mod admin_access;
 mod balancing;
+mod capacity;
 mod check_probe;
 mod concurrency;
 mod config_check;

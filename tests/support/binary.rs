@@ -20,6 +20,12 @@ impl Binary {
     /// `serve` in front of `base_urls` (endpoints "ep0", "ep1", … with the test keys),
     /// `extra` merged into the config's top level, logging at debug level to a file.
     pub fn serve(base_urls: &[String], extra: Value) -> Binary {
+        Binary::serve_with_nofile(base_urls, extra, None)
+    }
+
+    /// `serve` started with the descriptor limit `nofile` (as `prlimit --nofile` takes it:
+    /// `1024:` for the soft limit only, `64:64` for both).
+    pub fn serve_with_nofile(base_urls: &[String], extra: Value, nofile: Option<&str>) -> Binary {
         let endpoints: Vec<Value> = base_urls
             .iter()
             .enumerate()
@@ -36,7 +42,16 @@ impl Binary {
             dir.join(format!("{stem}.log")),
         );
         std::fs::write(&config_path, config.to_string()).expect("write the config");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_failover-proxy"))
+        let mut command = match nofile {
+            Some(limit) => {
+                let mut command = Command::new("prlimit");
+                command.arg(format!("--nofile={limit}")).arg("--");
+                command.arg(env!("CARGO_BIN_EXE_failover-proxy"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_failover-proxy")),
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(&config_path)
             .args([
@@ -78,6 +93,30 @@ impl Binary {
         }
     }
 
+    /// The threads the process has now.
+    pub fn threads(&self) -> usize {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("the process status");
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("Threads:"))
+            .expect("Threads:");
+        line["Threads:".len()..]
+            .trim()
+            .parse()
+            .expect("a thread count")
+    }
+
+    /// Sends SIGTERM and waits for the exit code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        if self.alive() {
+            // SAFETY: sends a signal to our own child process, which has not been reaped
+            // (so its pid is still its own); no memory is involved.
+            unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        self.child.wait().expect("wait on the child").code()
+    }
+
     /// True while the process runs.
     pub fn alive(&mut self) -> bool {
         self.child.try_wait().expect("wait on the child").is_none()
@@ -101,9 +140,7 @@ impl Binary {
 
 impl Drop for Binary {
     fn drop(&mut self) {
-        // SAFETY: sends a signal to our own child process; no memory is involved.
-        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
-        let _exit = self.child.wait();
+        let _exit = self.terminate();
         let _ = std::fs::remove_file(&self.config);
         let _ = std::fs::remove_file(&self.log_file);
     }

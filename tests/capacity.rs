@@ -1,0 +1,193 @@
+//! Capacity (issue 13), against the real binary over loopback: no stream waits for another,
+//! connections are bounded and idle ones make room, running out of descriptors is
+//! survived, the status endpoint answers when every connection is held, and SIGTERM stops
+//! accepting at once. Nothing here asserts a time: each test holds its streams open with the
+//! mock's gate and checks what the proxy did meanwhile.
+
+use crate::support::binary::Binary;
+use crate::support::raw::{self, RawClient};
+use crate::support::*;
+use failover_proxy::mock::Fault;
+use serde_json::json;
+use std::io::Read;
+use std::net::TcpStream;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// Waits up to `limit` for `done`; false if it never happened.
+fn within(limit: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    done()
+}
+
+/// Opens a stream through the proxy and reads its head and first event; the rest is read
+/// by `finish`.
+fn open_stream(url: &str) -> RawClient {
+    let mut client = RawClient::connect(url);
+    client.set_read_timeout(Duration::from_secs(60));
+    client.send(&raw::messages_request(true, &[]));
+    let head = client.read_head().expect("the stream's head");
+    assert_eq!(head.status, 200);
+    let first = client.events().next_event().expect("a first event");
+    assert_eq!(raw::event_name(&first.expect("an event")), "message_start");
+    client
+}
+
+/// Reads a stream to its end; true if it ended with `message_stop`.
+fn finish(mut client: RawClient) -> bool {
+    let mut last = String::new();
+    let mut events = client.events();
+    while let Ok(Some(event)) = events.next_event() {
+        last = raw::event_name(&event);
+    }
+    last == "message_stop"
+}
+
+#[test]
+fn a_thousand_streams_are_open_at_once_under_a_1024_descriptor_limit() {
+    const STREAMS: usize = 1000;
+    let gated = mock(Fault::Gated);
+    let binary = Binary::serve_with_nofile(&[gated.url()], json!({}), Some("1024:"));
+    let started = Arc::new(AtomicUsize::new(0));
+    let clients: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let (url, started) = (binary.url.clone(), started.clone());
+            // Started over about a second, as a busy team's clients would.
+            std::thread::sleep(Duration::from_micros(1000));
+            std::thread::Builder::new()
+                .name(format!("client-{i}"))
+                .stack_size(128 * 1024)
+                .spawn(move || {
+                    let client = open_stream(&url);
+                    started.fetch_add(1, Ordering::SeqCst);
+                    finish(client)
+                })
+                .expect("a client thread")
+        })
+        .collect();
+    // The gate holds every stream open: each first event that arrives arrived while all
+    // the other streams were still running.
+    let all_open = within(Duration::from_secs(120), || {
+        started.load(Ordering::SeqCst) == STREAMS
+    });
+    let open = started.load(Ordering::SeqCst);
+    gated.set_fault(Fault::None);
+    let completed = clients
+        .into_iter()
+        .map(|c| c.join().expect("a client"))
+        .filter(|&done| done)
+        .count();
+    assert!(
+        all_open,
+        "only {open} of {STREAMS} streams were open at once"
+    );
+    assert_eq!(completed, STREAMS);
+}
+
+#[test]
+fn five_thousand_idle_connections_keep_threads_bounded_and_a_new_client_is_served() {
+    let up = mock(Fault::None);
+    let binary = Binary::serve(&[up.url()], json!({"max_connections": 1000}));
+    let addr = binary.url.trim_start_matches("http://").to_string();
+    let idle: Vec<TcpStream> = (0..5000)
+        .map(|_| TcpStream::connect(&addr).expect("connect"))
+        .collect();
+    // Every connection was taken, and the oldest 4000 were closed to make room for newer
+    // ones: each of those sees the end of the stream, with no answer.
+    for (i, socket) in idle[..4000].iter().enumerate() {
+        socket.set_read_timeout(Some(raw::SAFETY_TIMEOUT)).unwrap();
+        let read = (&*socket).read(&mut [0u8; 1]);
+        assert!(
+            matches!(read, Ok(0)),
+            "connection {i} was not closed: {read:?}"
+        );
+    }
+    let threads = binary.threads();
+    assert!(threads < 1100, "{threads} threads for 1000 connections");
+    let (status, _) = post_message(&binary.url, &[]);
+    assert_eq!(status, 200);
+    assert!(binary.threads() < 1100);
+    drop(idle);
+}
+
+#[test]
+fn running_out_of_descriptors_is_survived() {
+    let up = mock(Fault::None);
+    let mut binary = Binary::serve_with_nofile(&[up.url()], json!({}), Some("64:64"));
+    let addr = binary.url.trim_start_matches("http://").to_string();
+    let crowd: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(&addr).expect("connect (the backlog takes it)"))
+        .collect();
+    let exhausted = within(Duration::from_secs(10), || {
+        binary.log().contains("accepting a connection failed")
+    });
+    drop(crowd);
+    assert!(
+        exhausted,
+        "the descriptors never ran out:\n{}",
+        binary.log()
+    );
+    // Once the crowd is gone the listener accepts again.
+    let served = within(Duration::from_secs(20), || {
+        agent()
+            .post(format!("{}/v1/messages", binary.url))
+            .send(message_body())
+            .is_ok_and(|r| r.status() == 200)
+    });
+    assert!(served, "the listener never recovered:\n{}", binary.log());
+    assert!(binary.alive());
+    assert!(!binary.stderr().contains("panicked"), "{}", binary.stderr());
+}
+
+#[test]
+fn health_answers_and_the_overflow_gets_529_while_every_connection_is_held() {
+    let gated = mock(Fault::Gated);
+    let binary = Binary::serve(&[gated.url()], json!({"max_connections": 4}));
+    let held: Vec<RawClient> = (0..4).map(|_| open_stream(&binary.url)).collect();
+    let (status, body) = get(&format!("{}/__qcc__/health", binary.url));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let mut client = RawClient::connect(&binary.url);
+    client.send(&raw::messages_request(false, &[]));
+    let head = client.read_head().unwrap();
+    assert_eq!(head.status, 529);
+    assert_eq!(head.header("retry-after"), Some("1"));
+    let body = client
+        .read_exact_body(head.content_length().unwrap())
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["type"], "overloaded_error");
+    assert!(client.sees_close());
+    assert_eq!(gated.requests(), 4);
+    gated.set_fault(Fault::None);
+    assert!(held.into_iter().all(finish));
+}
+
+#[test]
+fn sigterm_stops_accepting_at_once_and_lets_the_stream_finish() {
+    let gated = mock(Fault::Gated);
+    let mut binary = Binary::serve(&[gated.url()], json!({}));
+    let stream = open_stream(&binary.url);
+    let addr = binary.url.trim_start_matches("http://").to_string();
+    let outcome = std::thread::scope(|scope| {
+        let exit = scope.spawn(|| binary.terminate());
+        // The process is draining (the stream is held open by the gate) and must refuse
+        // new connections meanwhile.
+        let refused = within(Duration::from_secs(10), || {
+            TcpStream::connect(&addr).is_err()
+        });
+        gated.set_fault(Fault::None);
+        let finished = finish(stream);
+        (refused, finished, exit.join().expect("terminate"))
+    });
+    let (refused, finished, code) = outcome;
+    assert!(refused, "the listener kept accepting during the drain");
+    assert!(finished, "the stream in flight did not finish");
+    assert_eq!(code, Some(0));
+}
