@@ -1,6 +1,7 @@
-//! Short-request throughput and latency: direct to the mock upstream vs through the proxy,
-//! at 1, 16 and 64 keep-alive clients, in the same run (PERF-NOTES.md's table, measured by
-//! the bench itself). Prints figures; asserts nothing about time.
+//! Short-request throughput and latency: direct to the mock upstream, through the proxy,
+//! and through nginx when it is installed, at 1, 16 and 64 keep-alive clients, in the same
+//! run (PERF-NOTES.md's table, measured by the bench itself). Prints figures; asserts
+//! nothing about time.
 //!
 //! `cargo bench --bench throughput` (set `SECONDS=N` for longer cells; default 3).
 
@@ -34,23 +35,46 @@ fn main() {
         "short requests ({} B body), {seconds} s per cell, proxy workers {workers}",
         BODY.len()
     );
+    let nginx = common::nginx::Nginx::start(upstream.addr());
     println!(
-        "{:>8} {:>12} {:>10} {:>10}   {:>12} {:>10} {:>10}   {:>7}",
-        "clients", "direct rps", "p50 µs", "p99 µs", "proxy rps", "p50 µs", "p99 µs", "ratio"
+        "{:>8} {:>12} {:>10} {:>10}   {:>12} {:>10} {:>10}   {:>7}   {:>10} {:>8} {:>8}   {:>9} {:>9}",
+        "clients",
+        "direct rps",
+        "p50 µs",
+        "p99 µs",
+        "proxy rps",
+        "p50 µs",
+        "p99 µs",
+        "ratio",
+        "nginx rps",
+        "p50 µs",
+        "p99 µs",
+        "vs nginx",
+        "p99 vs"
     );
+    let length = Duration::from_secs(seconds);
     for clients in [1, 16, 64] {
-        let direct = run(upstream.addr(), clients, Duration::from_secs(seconds));
-        let proxied = run(server.addr(), clients, Duration::from_secs(seconds));
+        let direct = run(upstream.addr(), clients, length);
+        let proxied = run(server.addr(), clients, length);
+        let beside = nginx.as_ref().map(|n| run(n.addr, clients, length));
+        let (n_rps, n50, n99) = beside
+            .as_ref()
+            .map_or((f64::NAN, 0, 0), |n| (n.rps, n.p50, n.p99));
         println!(
-            "{clients:>8} {:>12.0} {:>10} {:>10}   {:>12.0} {:>10} {:>10}   {:>7.2}",
+            "{clients:>8} {:>12.0} {:>10} {:>10}   {:>12.0} {:>10} {:>10}   {:>7.2}   {n_rps:>10.0} {n50:>8} {n99:>8}   {:>9.2} {:>9.2}",
             direct.rps,
             direct.p50,
             direct.p99,
             proxied.rps,
             proxied.p50,
             proxied.p99,
-            proxied.rps / direct.rps
+            proxied.rps / direct.rps,
+            proxied.rps / n_rps,
+            proxied.p99 as f64 / n99 as f64,
         );
+    }
+    if nginx.is_none() {
+        println!("(nginx is not installed: apt-get install nginx-light for its columns)");
     }
     println!(
         "upstream connections accepted: {}",

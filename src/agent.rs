@@ -30,6 +30,12 @@ fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::
         // Not a deadline: it only makes ureq label body reads `RecvBody`, which is how
         // `idle::IdleTransport` knows to apply `idle_timeout` to them.
         .timeout_recv_body(Some(NO_BODY_DEADLINE))
+        // ureq's default buffers are 128 KiB each way per upstream connection: 256 MiB for
+        // 1000 open streams. A response head must fit the input buffer (Anthropic's are
+        // 1-2 KiB); request bodies go out in 16 KiB writes.
+        .input_buffer_size(UPSTREAM_INPUT_BUFFER)
+        .max_response_header_size(UPSTREAM_INPUT_BUFFER)
+        .output_buffer_size(8 * 1024)
         // Every worker may hold one connection to the same upstream; a smaller pool would
         // close connections that are needed again a moment later.
         .max_idle_connections(4 * config.workers.max(64))
@@ -40,6 +46,9 @@ fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::
                 .build(),
         )
 }
+
+/// The largest upstream response head, and the read buffer of an upstream connection.
+const UPSTREAM_INPUT_BUFFER: usize = 16 * 1024;
 
 /// The agent shared by every endpoint without a CA file or an outbound proxy.
 pub fn shared_agent(config: &Config) -> ureq::Agent {

@@ -58,7 +58,7 @@ const MAX_RECORDED: usize = 1000;
 /// The recording keeps at most this many body bytes (but always the newest request).
 const MAX_RECORDED_BODY_BYTES: usize = 64 * 1024 * 1024;
 /// New connections beyond this are closed at once: thread growth stays bounded.
-const MAX_CONNECTIONS: usize = 1024;
+const MAX_CONNECTIONS: usize = 4096;
 const MAX_DELTA_EVENTS: usize = 100_000;
 const MAX_STREAM_TEXT_BYTES: usize = 64 * 1024 * 1024;
 const DEFAULT_DELTA_EVENTS: usize = 5;

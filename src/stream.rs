@@ -9,7 +9,7 @@ use std::io::Read;
 
 /// At most this much is read from an upstream body at a time; whatever a read returns is
 /// written and flushed at once.
-pub(crate) const PIECE: usize = 16 * 1024;
+pub(crate) const PIECE: usize = 8 * 1024;
 
 /// Writes the head and the body to the client; returns the upstream's failure if it broke
 /// off after the commit point (an endpoint failure). A client that hangs up ends the

@@ -6,7 +6,9 @@ use failover_proxy::server::Server;
 use failover_proxy::state::State;
 use std::sync::Arc;
 
-/// A proxy with `workers` workers in front of `mock`, logging nothing; and its URL.
+/// A proxy with `workers` threads kept ready in front of `mock`, logging nothing; and its
+/// URL.
+#[allow(dead_code)]
 pub fn start_proxy(mock: &MockUpstream, workers: usize) -> (Server, String) {
     let config = serde_json::json!({
         "listen": "127.0.0.1:0",
@@ -18,4 +20,24 @@ pub fn start_proxy(mock: &MockUpstream, workers: usize) -> (Server, String) {
     let server = Server::start(Arc::new(State::new(config).expect("state"))).expect("server");
     let url = format!("http://{}", server.addr());
     (server, url)
+}
+
+#[allow(dead_code)]
+pub mod nginx;
+
+/// A `Vm…:` figure of a `/proc/PID/status` text, in KiB.
+#[allow(dead_code)]
+pub fn status_kib(status: &str, field: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Resident memory of process `pid` now, in KiB.
+#[allow(dead_code)]
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status_kib(&status, "VmRSS:")
 }
