@@ -35,7 +35,7 @@ enum Command {
         /// Listen address, overriding the config's `listen`.
         #[arg(long)]
         listen: Option<String>,
-        /// Worker threads, overriding the config's `workers`.
+        /// Threads kept ready for new connections, overriding the config's `workers`.
         #[arg(long)]
         workers: Option<usize>,
         /// error, warn, info, debug or trace.
