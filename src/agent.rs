@@ -32,7 +32,7 @@ fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::
         .timeout_recv_body(Some(NO_BODY_DEADLINE))
         // ureq's default buffers are 128 KiB each way per upstream connection: 256 MiB for
         // 1000 open streams. A response head must fit the input buffer (Anthropic's are
-        // 1-2 KiB); request bodies go out in 16 KiB writes.
+        // 1-2 KiB; nginx's own limit is 4-8 KiB); request bodies go out in 8 KiB writes.
         .input_buffer_size(UPSTREAM_INPUT_BUFFER)
         .max_response_header_size(UPSTREAM_INPUT_BUFFER)
         .output_buffer_size(8 * 1024)
@@ -48,7 +48,7 @@ fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::
 }
 
 /// The largest upstream response head, and the read buffer of an upstream connection.
-const UPSTREAM_INPUT_BUFFER: usize = 16 * 1024;
+const UPSTREAM_INPUT_BUFFER: usize = 8 * 1024;
 
 /// The agent shared by every endpoint without a CA file or an outbound proxy.
 pub fn shared_agent(config: &Config) -> ureq::Agent {

@@ -240,13 +240,16 @@ pub(crate) fn body_error(e: &std::io::Error) -> String {
 /// Reads until the first complete SSE event (a blank line), the cap, or the end.
 fn read_first_event(reader: &mut ureq::BodyReader<'static>) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::new();
-    let mut piece = [0u8; PIECE];
     while buf.len() < FIRST_EVENT_CAP && !has_event_end(&buf) {
-        let n = reader.read(&mut piece)?;
+        // Read into the vector itself: a buffer on the stack stays resident in every
+        // connection thread's stack for as long as the thread lives.
+        let len = buf.len();
+        buf.resize(len + PIECE, 0);
+        let n = reader.read(&mut buf[len..])?;
+        buf.truncate(len + n);
         if n == 0 {
             break;
         }
-        buf.extend_from_slice(&piece[..n]);
     }
     Ok(buf)
 }

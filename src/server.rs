@@ -326,23 +326,34 @@ fn too_large(max: usize) -> Rejection {
     )
 }
 
-/// How much of the body one read asks for: the buffer grows with what arrives, never
-/// with what the client claims.
+/// How much of the body one read asks for at most: the buffer grows with what arrives,
+/// never with what the client claims.
 const BODY_PIECE: usize = 64 * 1024;
+/// One read of a chunked body, whose length nobody declared.
+const CHUNKED_PIECE: usize = 8 * 1024;
 
 /// Reads the body in bounded pieces (each read bounded by `client_body_timeout` on the
 /// socket): 413 past `max_body_bytes`, 408 for a client that stalls, 400 for a body that
 /// breaks off or a malformed chunk. `model_override` applies here.
 fn read_body(config: &Config, request: &mut tiny_http::Request) -> Result<Vec<u8>, Rejection> {
     let max = config.max_body_bytes;
-    let mut body = Vec::with_capacity(request.body_length().unwrap_or(0).min(BODY_PIECE));
+    let declared = request.body_length();
+    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(BODY_PIECE));
     let reader = request.as_reader();
-    let mut piece = [0u8; 8192];
     loop {
-        let n = match reader.read(&mut piece) {
+        // Read into the vector itself (a stack buffer would stay resident in every
+        // connection thread's stack), in pieces: it grows with what arrives, up to what
+        // was declared, never by what was claimed alone.
+        let len = body.len();
+        let want = declared.map_or(CHUNKED_PIECE, |n| n.saturating_sub(len).max(1));
+        body.resize(len + want.min(BODY_PIECE).min(max + 1 - len), 0);
+        let read = reader.read(&mut body[len..]);
+        body.truncate(len + read.as_ref().map_or(0, |n| *n));
+        match read {
             Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Ok(_) if body.len() > max => return Err(too_large(max)),
+            Ok(_) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
                 return Err((
                     408,
@@ -354,11 +365,7 @@ fn read_body(config: &Config, request: &mut tiny_http::Request) -> Result<Vec<u8
                 let message = format!("cannot read the request body: {e}");
                 return Err((400, "invalid_request_error", message));
             }
-        };
-        if body.len() + n > max {
-            return Err(too_large(max));
         }
-        body.extend_from_slice(&piece[..n]);
     }
     if let Some(model) = &config.model_override {
         crate::rewrite::override_model(&mut body, model);
