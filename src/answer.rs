@@ -19,8 +19,8 @@ pub(crate) const BUFFER_CAP: u64 = 8 * 1024 * 1024;
 /// A failed attempt's body is kept (for rule 5's "last upstream response") up to this.
 const ERROR_BODY_CAP: usize = 256 * 1024;
 
-/// The first SSE event is looked for in at most this many bytes.
-const FIRST_EVENT_CAP: usize = 64 * 1024;
+/// A stream's preamble is held back at most this long (then committed as it is).
+const PREAMBLE_CAP: usize = 64 * 1024;
 
 /// An upstream response held in memory: a failed attempt's answer, or a small body.
 pub(crate) struct Buffered {
@@ -215,14 +215,22 @@ pub(crate) fn prepare_success(
         let Some(rest) = prepared.rest.as_mut() else {
             return Ok(prepared);
         };
-        prepared.prefix = read_first_event(rest).map_err(|e| (body_error(&e), None))?;
-        if first_event_is_error(&prepared.prefix) {
-            let answer = Buffered {
-                status,
-                headers: prepared.headers,
-                body: prepared.prefix,
-            };
-            return Err(("the stream opened with an error event".into(), Some(answer)));
+        let (opening, how) = read_opening(rest).map_err(|e| (body_error(&e), None))?;
+        prepared.prefix = opening;
+        match how {
+            Opening::Content | Opening::Capped => {}
+            Opening::Ended => {
+                return Err(("the stream ended before its first content".into(), None));
+            }
+            Opening::Error => {
+                let answer = Buffered {
+                    status,
+                    headers: prepared.headers,
+                    body: prepared.prefix,
+                };
+                let reason = "the stream sent an error event before its first content";
+                return Err((reason.into(), Some(answer)));
+            }
         }
     }
     Ok(prepared)
@@ -237,10 +245,45 @@ pub(crate) fn body_error(e: &std::io::Error) -> String {
     }
 }
 
-/// Reads until the first complete SSE event (a blank line), the cap, or the end.
-fn read_first_event(reader: &mut ureq::BodyReader<'static>) -> std::io::Result<Vec<u8>> {
+/// How a stream's opening ended: the point where it may be committed, or why not.
+#[derive(Debug, PartialEq)]
+enum Opening {
+    /// A content event arrived (`content_block_delta`, or `message_delta` /
+    /// `message_stop` for an empty answer): commit, with everything before it.
+    Content,
+    /// The preamble filled `PREAMBLE_CAP` without content: commit what there is.
+    Capped,
+    /// An `error` event came before any content.
+    Error,
+    /// The body ended before any content.
+    Ended,
+}
+
+/// Events that are the answer itself, not its preamble.
+const CONTENT_EVENTS: [&str; 3] = ["content_block_delta", "message_delta", "message_stop"];
+
+/// Reads a stream's preamble (`message_start`, `content_block_start`, `ping`) up to its
+/// first content event: until then nothing has reached the client, so a hang or a stall
+/// after the preamble can still fail over, and the preamble goes out in one flush with
+/// the first content.
+fn read_opening(reader: &mut ureq::BodyReader<'static>) -> std::io::Result<(Vec<u8>, Opening)> {
     let mut buf = Vec::new();
-    while buf.len() < FIRST_EVENT_CAP && !has_event_end(&buf) {
+    let mut scanned = 0;
+    loop {
+        while let Some(end) = event_end(&buf[scanned..]) {
+            let event = &buf[scanned..scanned + end];
+            scanned += end;
+            let name = event_type(event);
+            if name == "error" || is_error_data(event) {
+                return Ok((buf, Opening::Error));
+            }
+            if CONTENT_EVENTS.contains(&name.as_str()) {
+                return Ok((buf, Opening::Content));
+            }
+        }
+        if buf.len() >= PREAMBLE_CAP {
+            return Ok((buf, Opening::Capped));
+        }
         // Read into the vector itself: a buffer on the stack stays resident in every
         // connection thread's stack for as long as the thread lives.
         let len = buf.len();
@@ -248,26 +291,48 @@ fn read_first_event(reader: &mut ureq::BodyReader<'static>) -> std::io::Result<V
         let n = reader.read(&mut buf[len..])?;
         buf.truncate(len + n);
         if n == 0 {
-            break;
+            return Ok((buf, Opening::Ended));
         }
     }
-    Ok(buf)
 }
 
-fn has_event_end(buf: &[u8]) -> bool {
-    buf.windows(2).any(|w| w == b"\n\n") || buf.windows(4).any(|w| w == b"\r\n\r\n")
+/// The length of the first complete event in `buf`, its blank line included.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
-/// An SSE event named `error`, or whose data is Anthropic's error shape.
-fn first_event_is_error(buf: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(buf);
-    let event = text.split("\n\n").next().unwrap_or("");
-    event.lines().any(|line| {
-        let line = line.trim_end_matches('\r');
-        if let Some(name) = line.strip_prefix("event:") {
-            return name.trim() == "error";
-        }
-        line.strip_prefix("data:")
+/// An event's name: its `event:` line, else its data's `type`.
+fn event_type(event: &[u8]) -> String {
+    let text = String::from_utf8_lossy(event);
+    let line = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix).map(str::trim))
+            .map(str::to_string)
+    };
+    if let Some(name) = line("event:") {
+        return name;
+    }
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    line("data:")
+        .and_then(|data| serde_json::from_str::<Typed>(&data).ok())
+        .and_then(|typed| typed.kind)
+        .unwrap_or_default()
+}
+
+/// An event whose data is Anthropic's error shape.
+fn is_error_data(event: &[u8]) -> bool {
+    String::from_utf8_lossy(event).lines().any(|line| {
+        line.trim_end_matches('\r')
+            .strip_prefix("data:")
             .is_some_and(|data| soft_error_type(data.trim().as_bytes()).is_some())
     })
 }
@@ -286,12 +351,21 @@ mod tests {
         );
         assert_eq!(soft_error_type(br#"{"type":"message","content":[]}"#), None);
         assert_eq!(soft_error_type(b"not json"), None);
-        assert!(first_event_is_error(b"event: error\ndata: {}\n\n"));
-        assert!(first_event_is_error(
-            b"data: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\r\n\r\n"
-        ));
-        assert!(!first_event_is_error(
-            b"event: message_start\ndata: {\"type\":\"message_start\"}\n\nevent: error\n\n"
-        ));
+        assert_eq!(event_type(b"event: error\ndata: {}\n\n"), "error");
+        let data_only =
+            b"data: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\r\n\r\n";
+        assert_eq!(event_type(data_only), "error");
+        assert!(is_error_data(data_only));
+        assert_eq!(
+            event_type(b"event: ping\ndata: {\"type\": \"ping\"}\n\n"),
+            "ping"
+        );
+    }
+
+    #[test]
+    fn events_end_at_a_blank_line_of_either_kind() {
+        assert_eq!(event_end(b"event: a\ndata: 1\n\nevent: b"), Some(18));
+        assert_eq!(event_end(b"event: a\r\ndata: 1\r\n\r\nnext"), Some(21));
+        assert_eq!(event_end(b"event: a\ndata: 1\n"), None);
     }
 }

@@ -147,8 +147,14 @@ pub struct EndpointConfig {
     pub priority: u32,
     pub enabled: bool,
     pub max_failures: u32,
-    /// The per-attempt wait for the upstream's response headers.
+    /// The per-attempt wait for the upstream's response headers, and for the whole body
+    /// of a non-streaming answer.
     pub timeout: Duration,
+    /// For `"stream": true`: the longest wait from sending the request to its first
+    /// content event.
+    pub stream_timeout: Duration,
+    /// Attempts in progress at most; at the cap the endpoint is skipped (not a failure).
+    pub max_in_flight: Option<usize>,
     /// Which header(s) carry `api_key` upstream.
     pub auth: Auth,
     pub ca_file: Option<PathBuf>,
@@ -209,6 +215,8 @@ struct RawEndpoint {
     enabled: Option<bool>,
     max_failures: Option<u32>,
     timeout: Option<f64>,
+    stream_timeout: Option<f64>,
+    max_in_flight: Option<usize>,
     auth: Option<String>,
     ca_file: Option<PathBuf>,
     proxy: Option<String>,
@@ -234,6 +242,8 @@ impl EndpointConfig {
             enabled: None,
             max_failures: None,
             timeout: None,
+            stream_timeout: None,
+            max_in_flight: None,
             auth: None,
             ca_file: None,
             proxy: None,
@@ -479,6 +489,11 @@ fn validate_endpoint(
         enabled: r.enabled.unwrap_or(true),
         max_failures: at_least_one(&field("max_failures"), r.max_failures, 3)?,
         timeout: positive_seconds(&field("timeout"), r.timeout, 600.0)?,
+        stream_timeout: positive_seconds(&field("stream_timeout"), r.stream_timeout, 60.0)?,
+        max_in_flight: match r.max_in_flight {
+            Some(0) => return Err(format!("{}: must be at least 1", field("max_in_flight"))),
+            other => other,
+        },
         auth: parse_auth(&field("auth"), r.auth.as_deref())?,
         ca_file: r.ca_file,
         proxy: r.proxy,

@@ -138,6 +138,27 @@ impl Endpoint {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         InFlight(self)
     }
+
+    /// An attempt, unless `max_in_flight` attempts are in progress already: the check and
+    /// the count are one atomic step, so concurrent requests never exceed the cap.
+    pub fn try_begin(&self) -> Option<InFlight<'_>> {
+        let Some(cap) = self.config.max_in_flight else {
+            return Some(self.begin());
+        };
+        self.in_flight
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < cap).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| InFlight(self))
+    }
+
+    /// True while `max_in_flight` attempts are in progress: skipped for new ones.
+    pub fn is_full(&self) -> bool {
+        self.config
+            .max_in_flight
+            .is_some_and(|cap| self.in_flight.load(Ordering::Acquire) >= cap)
+    }
 }
 
 pub struct InFlight<'a>(&'a Endpoint);

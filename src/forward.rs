@@ -11,6 +11,7 @@ use crate::answer::{self, Buffered, Prepared};
 use crate::endpoint::{Endpoint, EndpointId, InFlight};
 use crate::health::Outcome;
 use crate::http_out::{ClientOut, error_body};
+use crate::idle;
 use crate::rewrite::{estimate_tokens, is_count_tokens};
 use crate::state::{Generation, State};
 use crate::stream::{commit, deliver_buffered};
@@ -39,6 +40,11 @@ enum Attempt<'a> {
     Forbidden(Buffered),
     /// The endpoint has no `count_tokens` (it answered 404): estimate locally (rule 10).
     NoCountTokens,
+    /// The endpoint is at `max_in_flight` (another request took its last place since it
+    /// was chosen): not an attempt, not a failure.
+    Full,
+    /// The client went away while the attempt waited: nobody to answer, nothing recorded.
+    ClientGone,
 }
 
 /// An answer ready to go to the client, and what to record about it.
@@ -64,6 +70,7 @@ pub fn forward(
     let mut attempts = 0;
     let mut panicked = false;
     let session = session(state, generation, request);
+    let stream = request.wants_stream();
     while attempts < config.max_attempts && !panicked {
         let Some((index, last_resort)) = choose(state, generation, &session, &tries, attempts)
         else {
@@ -83,7 +90,7 @@ pub fn forward(
                 endpoint.id()
             );
         }
-        let run = || attempt(state, &generation.config, endpoint, request, out);
+        let run = || attempt(state, &generation.config, endpoint, request, stream, out);
         match attempt_or_failure(state, endpoint, run) {
             Attempt::Ready(ready) => {
                 let status = ready.prepared.status;
@@ -100,7 +107,7 @@ pub fn forward(
                 // Counted before the client can see the answer, so stats read right after
                 // it already include it.
                 let done = served(state, status < 400, status, attempts, Some(endpoint.id()));
-                deliver(state, endpoint, ready, out);
+                deliver(state, endpoint, ready, config.idle_timeout, out);
                 return done;
             }
             Attempt::Failed(answer) => last = answer.or(last),
@@ -108,6 +115,11 @@ pub fn forward(
                 tries[index] = tries[index].max(config.max_attempts_per_endpoint);
                 last = Some(answer);
             }
+            Attempt::Full => {
+                tries[index] = tries[index].max(config.max_attempts_per_endpoint);
+                attempts -= 1;
+            }
+            Attempt::ClientGone => return served(state, false, 499, attempts, None),
             Attempt::NoCountTokens => {
                 let estimate = json!({ "input_tokens": estimate_tokens(&request.body) });
                 let done = served(state, true, 200, attempts, None);
@@ -175,22 +187,27 @@ fn give_up(
 
 /// Commits a ready answer and records it: a body already read whole before it is written
 /// (its outcome is known), a streamed one after its end (a break mid-stream is a failure).
-fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, out: &mut ClientOut) {
+fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out: &mut ClientOut) {
     let Ready {
         prepared,
         success_after,
         _in_flight,
     } = ready;
     let Some(elapsed) = success_after else {
-        commit(prepared, out);
+        commit(prepared, out, idle);
         return;
     };
     if prepared.rest.is_none() {
         state.record(endpoint, &Outcome::Success, elapsed);
-        commit(prepared, out);
+        commit(prepared, out, idle);
         return;
     }
-    let outcome = match commit(prepared, out) {
+    if prepared.sse {
+        // Past its first content a stream has no deadline: `idle_timeout` and the ping
+        // rule watch it from here.
+        idle::set_deadline(None);
+    }
+    let outcome = match commit(prepared, out, idle) {
         Some(reason) => Outcome::Failure(reason),
         None => Outcome::Success,
     };
@@ -269,15 +286,30 @@ fn next_endpoint(
 }
 
 /// Rule 5: with no endpoint eligible at all, the enabled one whose quarantine or
-/// cooldown began earliest gets one attempt.
+/// cooldown began earliest gets one attempt (never one at its `max_in_flight`).
 fn panic_endpoint(generation: &Generation) -> Option<usize> {
     generation
         .endpoints
         .iter()
         .enumerate()
-        .filter(|(_, e)| e.is_enabled())
+        .filter(|(_, e)| e.is_enabled() && !e.is_full())
         .min_by_key(|(_, e)| e.out_since().unwrap_or_else(Instant::now))
         .map(|(index, _)| index)
+}
+
+/// When an attempt's waits end: a stream's first content within `stream_timeout`, a
+/// whole non-streaming answer within `timeout`.
+fn deadline(endpoint: &Endpoint, stream: bool, started: Instant) -> (Instant, &'static str) {
+    let config = &endpoint.config;
+    if stream {
+        let no_content = "no content before stream_timeout";
+        (started + config.stream_timeout, no_content)
+    } else {
+        (
+            started + config.timeout,
+            "no complete answer within timeout",
+        )
+    }
 }
 
 /// A second attempt on the same endpoint waits 100 ms × 2^(n-1), ±50 % jitter, at most 2 s.
@@ -321,12 +353,17 @@ fn attempt<'a>(
     config: &crate::config::Config,
     endpoint: &'a Endpoint,
     request: &ClientRequest,
+    stream: bool,
     out: &ClientOut,
 ) -> Attempt<'a> {
-    let in_flight = endpoint.begin();
+    let Some(in_flight) = endpoint.try_begin() else {
+        return Attempt::Full;
+    };
     let started = Instant::now();
+    idle::set_deadline(Some(deadline(endpoint, stream, started)));
     let response = match upstream::send(endpoint, request) {
         Ok(response) => response,
+        Err(_) if idle::client_went_away() => return Attempt::ClientGone,
         Err(e) => {
             let reason = upstream::describe_error(&e);
             state.record(endpoint, &Outcome::Failure(reason), started.elapsed());
@@ -383,6 +420,7 @@ fn attempt<'a>(
         }
         Class::Success => {
             match answer::prepare_success(status, &parts.headers, reader, request, out) {
+                Err(_) if idle::client_went_away() => Attempt::ClientGone,
                 Err((reason, answer)) => {
                     state.record(endpoint, &Outcome::Failure(reason), elapsed);
                     Attempt::Failed(answer)

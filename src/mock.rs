@@ -64,6 +64,8 @@ const MAX_STREAM_TEXT_BYTES: usize = 64 * 1024 * 1024;
 const DEFAULT_DELTA_EVENTS: usize = 5;
 const DEFAULT_SLOW_DELAY_MS: u64 = 20;
 const DEFAULT_CUT_AFTER: usize = 3;
+/// The gap between two pings of a stalled stream (`PingStall`).
+const PING_GAP: Duration = Duration::from_millis(100);
 const SLOW_BODY_PIECES: usize = 4;
 /// How often a hung or gated request looks whether its client has gone away.
 const WAIT_TICK: Duration = Duration::from_millis(200);
@@ -100,9 +102,15 @@ pub enum Fault {
     /// Streams: that many events (of all kinds), then the connection closes without the
     /// final chunk. Fixed bodies: the full Content-Length, half the body, then a close.
     SseCutAfter { events: usize },
-    /// Streams: the head and the first event at once, then one more event per permit given
-    /// by [`MockUpstream::release`]. A fault change away from `Gated` opens the gate (the
-    /// rest is sent at once); shutdown closes the connection. Fixed bodies are not gated.
+    /// Streams: that many events (2: `message_start` and `content_block_start`), then a
+    /// `ping` every 100 ms and nothing else, until the client goes away (a stalled relay).
+    /// Fixed bodies: as `Hang`.
+    PingStall { events: usize },
+    /// Streams: the head and the opening at once (every event up to and including the
+    /// first content event, the point where a proxy may commit), then one more event per
+    /// permit given by [`MockUpstream::release`]. A fault change away from `Gated` opens the
+    /// gate (the rest is sent at once); shutdown closes the connection. Fixed bodies are
+    /// not gated.
     Gated,
 }
 
@@ -942,7 +950,12 @@ fn parse_fault(value: &str, delay_ms: Option<usize>) -> Option<Fault> {
             events: DEFAULT_CUT_AFTER,
         },
         "gated" => Fault::Gated,
-        other => return parse_cut(other).or_else(|| parse_status(other)),
+        "pings" => Fault::PingStall { events: 2 },
+        other => {
+            return parse_cut(other)
+                .or_else(|| parse_pings(other))
+                .or_else(|| parse_status(other));
+        }
     };
     Some(fault)
 }
@@ -950,6 +963,11 @@ fn parse_fault(value: &str, delay_ms: Option<usize>) -> Option<Fault> {
 fn parse_cut(value: &str) -> Option<Fault> {
     let events = value.strip_prefix("cut:")?.parse().ok()?;
     Some(Fault::SseCutAfter { events })
+}
+
+fn parse_pings(value: &str) -> Option<Fault> {
+    let events = value.strip_prefix("pings:")?.parse().ok()?;
+    Some(Fault::PingStall { events })
 }
 
 fn parse_status(value: &str) -> Option<Fault> {
@@ -1024,6 +1042,7 @@ struct Stream {
     delay: Duration,
     gated: bool,
     cut_after: Option<usize>,
+    pings_after: Option<usize>,
 }
 
 impl Stream {
@@ -1033,6 +1052,7 @@ impl Stream {
             delay,
             gated: false,
             cut_after: None,
+            pings_after: None,
         }
     }
 }
@@ -1140,6 +1160,18 @@ fn apply_fault(fault: &Fault, streaming: bool, healthy: (Outcome, Action)) -> (O
         Fault::SlowBody { delay_ms } => (outcome, slow(action, Duration::from_millis(*delay_ms))),
         Fault::Gated => (outcome, gate(action)),
         Fault::SseCutAfter { events } => failure(cut(action, *events)),
+        Fault::PingStall { events } if streaming => failure(ping_stall(action, *events)),
+        Fault::PingStall { .. } => failure(Action::Hang),
+    }
+}
+
+fn ping_stall(action: Action, events: usize) -> Action {
+    match action {
+        Action::Stream(stream) => Action::Stream(Stream {
+            pings_after: Some(events),
+            ..stream
+        }),
+        other => other,
     }
 }
 
@@ -1456,11 +1488,20 @@ fn write_stream(
     conn.writer.write_all(&head(200, &fields, exchange))?;
     let mut gated = stream.gated;
     let mut seen = shared.generation();
+    let opening = stream
+        .events
+        .iter()
+        .position(|e| is_content_event(e))
+        .unwrap_or(0);
     for (index, event) in stream.events.iter().enumerate() {
         if stream.cut_after == Some(index) {
             return Ok(Next::Close);
         }
-        if gated && index > 0 {
+        if stream.pings_after == Some(index) {
+            ping_forever(shared, conn)?;
+            return Ok(Next::Close);
+        }
+        if gated && index > opening {
             match wait_gate(shared, &conn.writer, &mut seen) {
                 Wake::Permit => {}
                 Wake::Changed => gated = false,
@@ -1477,6 +1518,23 @@ fn write_stream(
     }
     conn.writer.write_all(b"0\r\n\r\n")?;
     Ok(exchange.next())
+}
+
+/// An event that is the answer itself (a text delta, or the end of an empty answer), not
+/// its preamble.
+fn is_content_event(event: &str) -> bool {
+    ["content_block_delta", "message_delta", "message_stop"]
+        .iter()
+        .any(|name| event.starts_with(&format!("event: {name}\n")))
+}
+
+/// A `ping` every `PING_GAP` until the client goes away or the mock stops.
+fn ping_forever(shared: &Shared, conn: &mut Conn) -> io::Result<()> {
+    let ping = sse_event("ping", r#"{"type": "ping"}"#);
+    while shared.pause(PING_GAP) && !client_gone(&conn.writer) {
+        write_chunk(&mut conn.writer, ping.as_bytes())?;
+    }
+    Ok(())
 }
 
 /// One chunk in one write, so each SSE event leaves as a unit.

@@ -12,6 +12,7 @@ use crate::admin;
 use crate::config::Config;
 use crate::forward::{self, send_error};
 use crate::http_out::{ClientOut, Framing, error_body};
+use crate::idle;
 use crate::recovery::RecoveryThread;
 use crate::state::State;
 use crate::upstream::ClientRequest;
@@ -210,6 +211,7 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
     let generation = state.current();
     let config = &generation.config;
     let connection = request.connection();
+    let watched = connection.clone();
     let overflow = connection.as_ref().is_some_and(|c| c.is_overflow());
     let checked = check_head(config, &request).and_then(|mut head| {
         if overflow && !admin::is_admin_path(&head.target) {
@@ -232,8 +234,10 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
     let request = match checked {
         Ok(r) => r,
         Err((status, kind, message)) => {
+            // The body may be unread: the connection closes after this answer, and the
+            // answer says so (a keep-alive client must not send into a closed connection).
+            out.close_after_answer();
             send_refusal(&mut out, status, kind, &message);
-            // The body may be unread: what follows on the connection is not a request.
             out.close();
             info!("#{id} {line} → {status} ({message})");
             return;
@@ -244,7 +248,12 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
         log::debug!("#{id} {line} → {status} (admin)");
         return;
     }
-    let served = forward::forward(state, &generation, &request, &mut out);
+    // Every upstream wait of this request looks at its client: one that went away ends
+    // the upstream request (and its cost) within a second.
+    let client_gone = move || watched.as_ref().is_some_and(|c| c.peer_closed());
+    let served = idle::watching(client_gone, || {
+        forward::forward(state, &generation, &request, &mut out)
+    });
     state.counters.latency.observe(started.elapsed());
     let endpoint = served
         .endpoint

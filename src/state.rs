@@ -174,7 +174,10 @@ impl State {
 
     /// Eligible for normal traffic: enabled, not queued, not cooling down.
     pub fn is_eligible(&self, endpoint: &Endpoint, now: Instant) -> bool {
-        endpoint.is_enabled() && !self.queue.contains(endpoint.id()) && !endpoint.is_cooling(now)
+        endpoint.is_enabled()
+            && !endpoint.is_full()
+            && !self.queue.contains(endpoint.id())
+            && !endpoint.is_cooling(now)
     }
 
     /// The eligible endpoints of a generation, as selection candidates.

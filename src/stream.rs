@@ -5,7 +5,9 @@
 
 use crate::answer::{Buffered, Prepared, body_error};
 use crate::http_out::{BodySink, ClientOut, Framing, error_body};
+use crate::idle;
 use std::io::Read;
+use std::time::{Duration, Instant};
 
 /// At most this much is read from an upstream body at a time; whatever a read returns is
 /// written and flushed at once.
@@ -15,7 +17,9 @@ pub(crate) const PIECE: usize = 8 * 1024;
 /// off after the commit point (an endpoint failure). A client that hangs up ends the
 /// upstream read at once (the upstream connection is dropped with the reader, not pooled)
 /// and is nobody's failure.
-pub(crate) fn commit(prepared: Prepared, out: &mut ClientOut) -> Option<String> {
+/// A stream that carries nothing but `ping`s for `idle` is ended as broken: pings are not
+/// progress.
+pub(crate) fn commit(prepared: Prepared, out: &mut ClientOut, idle: Duration) -> Option<String> {
     let headers: Vec<(&str, &[u8])> = prepared
         .headers
         .iter()
@@ -33,7 +37,7 @@ pub(crate) fn commit(prepared: Prepared, out: &mut ClientOut) -> Option<String> 
     };
     sent.ok()?;
     let end = match prepared.rest {
-        Some(reader) => pump(reader, &mut sink),
+        Some(reader) => pump(reader, &mut sink, prepared.sse.then_some(idle)),
         None => Pump::Done,
     };
     match end {
@@ -55,9 +59,16 @@ enum Pump {
     UpstreamBroke(String),
 }
 
-/// Copies the body piece by piece, each piece written and flushed as it arrives.
-fn pump(mut reader: ureq::BodyReader<'static>, sink: &mut BodySink) -> Pump {
+/// Copies the body piece by piece, each piece written and flushed as it arrives. With
+/// `ping_limit` (an event stream), pieces that hold only `ping` events are not progress:
+/// past the limit without progress the stream is broken.
+fn pump(
+    mut reader: ureq::BodyReader<'static>,
+    sink: &mut BodySink,
+    ping_limit: Option<Duration>,
+) -> Pump {
     let mut piece = vec![0u8; PIECE];
+    let mut progress_at = Instant::now();
     loop {
         let n = match reader.read(&mut piece) {
             Ok(0) if sink.is_short() => {
@@ -65,12 +76,33 @@ fn pump(mut reader: ureq::BodyReader<'static>, sink: &mut BodySink) -> Pump {
             }
             Ok(0) => return Pump::Done,
             Ok(n) => n,
+            // The wait was cut because the client went away (idle.rs): nobody's failure.
+            Err(_) if idle::client_went_away() => return Pump::ClientGone,
             Err(e) => return Pump::UpstreamBroke(body_error(&e)),
         };
         if sink.write_piece(&piece[..n]).is_err() {
             return Pump::ClientGone;
         }
+        match ping_limit {
+            Some(limit) if only_pings(&piece[..n]) => {
+                if progress_at.elapsed() >= limit {
+                    let reason = "the stream carried only pings for longer than idle_timeout";
+                    return Pump::UpstreamBroke(reason.into());
+                }
+            }
+            _ => progress_at = Instant::now(),
+        }
     }
+}
+
+/// A piece whose events are all `ping`s (at least one): a keep-alive, not progress. A
+/// piece without an `event:` line continues an event, which is progress.
+fn only_pings(piece: &[u8]) -> bool {
+    let mut names = piece
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.strip_prefix(b"event:"))
+        .map(|name| name.trim_ascii());
+    names.next() == Some(b"ping") && names.all(|name| name == b"ping")
 }
 
 /// After an upstream failure mid-body: an event stream gets a final `event: error` in
@@ -100,5 +132,22 @@ pub(crate) fn deliver_buffered(out: &mut ClientOut, answer: &Buffered) {
         && sink.write_piece(&answer.body).is_ok()
     {
         let _client_may_be_gone = sink.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::only_pings;
+
+    #[test]
+    fn only_ping_events_are_not_progress() {
+        let ping = b"event: ping\ndata: {\"type\": \"ping\"}\n\n";
+        assert!(only_pings(ping));
+        assert!(only_pings(&[&ping[..], &ping[..]].concat()));
+        let delta = b"event: content_block_delta\ndata: {}\n\n";
+        assert!(!only_pings(&[&ping[..], &delta[..]].concat()));
+        assert!(!only_pings(delta));
+        // The rest of an event begun in an earlier piece is progress.
+        assert!(!only_pings(b"\"text\":\"more\"}}\n\n"));
     }
 }

@@ -33,6 +33,21 @@ pub struct ClientRequest {
 }
 
 impl ClientRequest {
+    /// `"stream": true` in a JSON body: the answer will be an event stream. Only that
+    /// field is looked at (serde skips the rest without building it).
+    pub fn wants_stream(&self) -> bool {
+        #[derive(serde::Deserialize)]
+        struct Top {
+            stream: Option<bool>,
+        }
+        let mentioned = self.body.windows(8).any(|w| w == b"\"stream\"");
+        mentioned
+            && serde_json::from_slice::<Top>(&self.body)
+                .ok()
+                .and_then(|top| top.stream)
+                .unwrap_or(false)
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers
             .iter()

@@ -109,8 +109,11 @@ fn five_thousand_idle_connections_keep_threads_bounded_and_a_new_client_is_serve
             "connection {i} was not closed: {read:?}"
         );
     }
+    // Threads of evicted connections go back to the pool (and the pool's idle ones beyond
+    // `workers` exit after 5 s): the count settles near the bound.
+    let settled = within(Duration::from_secs(20), || binary.threads() < 1100);
     let threads = binary.threads();
-    assert!(threads < 1100, "{threads} threads for 1000 connections");
+    assert!(settled, "{threads} threads for 1000 connections");
     let (status, _) = post_message(&binary.url, &[]);
     assert_eq!(status, 200);
     assert!(binary.threads() < 1100);

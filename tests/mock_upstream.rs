@@ -394,25 +394,36 @@ fn cut_stream_ends_without_the_final_chunk() {
 }
 
 #[test]
-fn gated_stream_sends_one_event_per_release() {
+fn gated_stream_sends_its_opening_then_one_event_per_release() {
     let mock = MockUpstream::start_with(Fault::Gated).expect("start");
     let mut client = connect(&mock);
     client.send(&messages("x", true, &[]));
     assert_eq!(client.read_head().expect("head").status, 200);
-    assert!(client.read_chunk().expect("first event").is_some());
+    // The opening: message_start, content_block_start and the first delta.
+    let opening: Vec<String> = (0..3)
+        .map(|_| sse_parts(&client.read_chunk().expect("opening").expect("event")).0)
+        .collect();
+    assert_eq!(
+        opening,
+        [
+            "message_start",
+            "content_block_start",
+            "content_block_delta"
+        ]
+    );
     client.set_read_timeout(Duration::from_millis(300));
     assert!(
         client.read_chunk().is_err(),
-        "the second event waits for a release"
+        "the next event waits for a release"
     );
     client.set_read_timeout(raw::SAFETY_TIMEOUT);
     mock.release(2);
-    let second = client.read_chunk().expect("second").expect("event");
-    assert_eq!(sse_parts(&second).0, "content_block_start");
-    assert!(client.read_chunk().expect("third").is_some());
+    let next = client.read_chunk().expect("fourth").expect("event");
+    assert_eq!(sse_parts(&next).0, "content_block_delta");
+    assert!(client.read_chunk().expect("fifth").is_some());
     mock.set_fault(Fault::None);
     let rest = client.read_chunks().expect("rest after the gate opened");
-    assert_eq!(rest.len(), 10 - 3);
+    assert_eq!(rest.len(), 10 - 5);
     assert_eq!(mock.successes(), 1);
 }
 
@@ -517,7 +528,9 @@ fn shutdown_ends_gated_streams_and_idle_connections_promptly() {
     let mut gated = connect(&mock);
     gated.send(&messages("x", true, &[]));
     gated.read_head().expect("head");
-    gated.read_chunk().expect("first event");
+    for _ in 0..3 {
+        gated.read_chunk().expect("the opening");
+    }
     let mut idle = connect(&mock);
     idle.send(b"GET / HTTP/1.1\r\nhost: mock\r\n\r\n");
     idle.read_head().expect("head");

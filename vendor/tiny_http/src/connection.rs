@@ -106,6 +106,36 @@ impl Connection {
         }
     }
 
+    /// True when the peer has closed the connection (or reset it): a peek that does not
+    /// wait finds the end of the stream. Data waiting to be read is not a close.
+    pub(crate) fn peer_closed(&self) -> bool {
+        fn closed<S>(
+            s: &S,
+            nonblocking: impl Fn(&S, bool) -> std::io::Result<()>,
+            peek: impl Fn(&S) -> std::io::Result<usize>,
+        ) -> bool {
+            if nonblocking(s, true).is_err() {
+                return false;
+            }
+            let peeked = peek(s);
+            let _ = nonblocking(s, false);
+            match peeked {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => {
+                    e.kind() != std::io::ErrorKind::WouldBlock
+                        && e.kind() != std::io::ErrorKind::Interrupted
+                }
+            }
+        }
+        match self {
+            Self::Tcp(s) => closed(s, TcpStream::set_nonblocking, |s| s.peek(&mut [0u8; 1])),
+            // Unix sockets cannot peek on stable Rust: never reported closed.
+            #[cfg(unix)]
+            Self::Unix(_) => false,
+        }
+    }
+
     pub(crate) fn try_clone(&self) -> std::io::Result<Self> {
         match self {
             Self::Tcp(s) => s.try_clone().map(Self::from),

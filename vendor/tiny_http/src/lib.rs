@@ -118,10 +118,10 @@ pub use request::{ReadWrite, Request};
 pub use response::{Response, ResponseBox};
 pub use test::TestRequest;
 
+mod accept;
 mod client;
 mod common;
 mod connection;
-mod accept;
 mod limits;
 mod registry;
 mod request;
@@ -277,7 +277,13 @@ impl Server {
         handler: Arc<dyn Fn(Request) + Send + Sync>,
     ) -> Result<Server, Box<dyn Error + Send + Sync + 'static>> {
         let messages = MessagesQueue::with_capacity(1);
-        Self::start(listener.into(), None, limits, messages, Deliver::Handler(handler))
+        Self::start(
+            listener.into(),
+            None,
+            limits,
+            messages,
+            Deliver::Handler(handler),
+        )
     }
 
     fn start(
@@ -297,7 +303,9 @@ impl Server {
             return Err("this copy of tiny_http serves plain HTTP only".into());
         }
         let registry = Registry::new(
-            limits.max_connections.unwrap_or(usize::MAX - limits.overflow_connections),
+            limits
+                .max_connections
+                .unwrap_or(usize::MAX - limits.overflow_connections),
             limits.overflow_connections,
         );
         let accept = Accept {

@@ -1,8 +1,8 @@
 //! Bounds on what one client connection may send, and the state a connection's requests
 //! share with the thread that reads it. Not in tiny_http 0.12: see vendor/README.md.
 
-use std::io::{BufWriter, Write};
 use std::io;
+use std::io::{BufWriter, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -133,6 +133,15 @@ impl ConnState {
         evicted
     }
 
+    /// True when the client has closed the connection. Asked by the request's own thread
+    /// while it waits on something else (no one reads the socket meanwhile).
+    pub(crate) fn peer_closed(&self) -> bool {
+        self.writer.as_ref().is_some_and(|writer| {
+            let writer = writer.lock().unwrap_or_else(|e| e.into_inner());
+            writer.get_ref().peer_closed()
+        })
+    }
+
     /// Flushes what was written and sends end-of-stream.
     pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::SeqCst);
@@ -185,6 +194,13 @@ impl ConnectionHandle {
     /// and no further request is read from this connection.
     pub fn close(&self) {
         self.0.close();
+    }
+
+    /// True when the client has closed the connection (a non-blocking peek finds its end).
+    /// For a handler waiting on something else: a client that went away need not be
+    /// waited for.
+    pub fn peer_closed(&self) -> bool {
+        self.0.peer_closed()
     }
 
     /// True for a connection let in beyond `max_connections` while every other one was

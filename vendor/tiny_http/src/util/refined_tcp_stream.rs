@@ -145,6 +145,15 @@ impl RefinedTcpStream {
         self.stream.shutdown(Shutdown::Write)
     }
 
+    /// True when the client has closed its side (or reset the connection).
+    pub(crate) fn peer_closed(&self) -> bool {
+        match &self.stream {
+            Stream::Http(connection) => connection.peer_closed(),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => false,
+        }
+    }
+
     /// Ends both directions: a read blocked on this socket returns at once.
     pub(crate) fn shutdown_both(&mut self) -> IoResult<()> {
         self.stream.shutdown(Shutdown::Both)

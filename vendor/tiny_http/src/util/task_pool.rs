@@ -29,7 +29,6 @@ struct Sharing {
     waiting_tasks: AtomicUsize,
 }
 
-
 struct Registration<'a> {
     nb: &'a AtomicUsize,
 }
@@ -113,18 +112,19 @@ impl TaskPool {
                         }
                         let _waiting_guard = Registration::new(&sharing.waiting_tasks);
 
-                        let received =
-                            if sharing.active_tasks.load(Ordering::Acquire) <= sharing.min_threads {
-                                todo = sharing.condvar.wait(todo).unwrap();
-                                true
-                            } else {
-                                let (new_lock, waitres) = sharing
-                                    .condvar
-                                    .wait_timeout(todo, Duration::from_millis(5000))
-                                    .unwrap();
-                                todo = new_lock;
-                                !waitres.timed_out()
-                            };
+                        let received = if sharing.active_tasks.load(Ordering::Acquire)
+                            <= sharing.min_threads
+                        {
+                            todo = sharing.condvar.wait(todo).unwrap();
+                            true
+                        } else {
+                            let (new_lock, waitres) = sharing
+                                .condvar
+                                .wait_timeout(todo, Duration::from_millis(5000))
+                                .unwrap();
+                            todo = new_lock;
+                            !waitres.timed_out()
+                        };
 
                         if !received && todo.is_empty() {
                             return;
