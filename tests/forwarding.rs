@@ -1,5 +1,6 @@
 //! Forwarding and failover through the real proxy over loopback.
 
+use crate::support::raw::{self, RawClient};
 use crate::support::*;
 use failover_proxy::mock::{Fault, MockUpstream};
 use serde_json::json;
@@ -21,29 +22,51 @@ fn forwards_to_a_healthy_endpoint_with_its_key() {
     assert_eq!(rec[0].header("anthropic-version"), Some("2023-06-01"));
 }
 
-/// `idle_timeout` bounds the wait for each body piece (here the first SSE event, 1 s late),
-/// while the endpoint's `timeout` alone bounds the wait for headers.
+/// `idle_timeout` bounds the wait for each body piece (here the slow endpoint's first SSE
+/// event, which comes 30 s after its head), while the endpoint's `timeout` alone bounds the
+/// wait for headers. Before the commit point that is a failure of the slow endpoint, and the
+/// fast one answers.
 #[test]
 fn idle_timeout_cuts_a_silent_stream_and_fails_over() {
-    let slow = mock(Fault::None);
-    let fast = failover_proxy::mock::MockUpstream::start_named("fast", Fault::None).unwrap();
+    let slow = MockUpstream::start_named("slow", Fault::SlowBody { delay_ms: 30_000 }).unwrap();
+    let fast = MockUpstream::start_named("fast", Fault::None).unwrap();
     let proxy = Proxy::start(&[&slow, &fast], json!({"idle_timeout": 0.3}));
     let body = json!({"model": "m", "max_tokens": 5, "stream": true,
                       "messages": [{"role": "user", "content": "hi"}]})
     .to_string();
-    let (status, answer) = post(
-        &proxy.url,
+    let mut client = RawClient::connect(&proxy.url);
+    let request = raw::request(
+        "POST",
         "/v1/messages",
-        &body,
-        &[("x-mock-delay-ms", "1000")],
+        &[("content-type", "application/json")],
+        body.as_bytes(),
     );
-    // The header applies to both endpoints, so both time out; both failures are recorded.
-    assert_eq!(status, 502, "{}", String::from_utf8_lossy(&answer));
+    client.send(&request);
+    let head = client.read_head().expect("head");
+    assert_eq!(head.status, 200, "{}", head.text);
+    assert_eq!(head.header("x-mock-upstream"), Some("fast"));
+    let body = client
+        .read_chunked_body()
+        .expect("the fast endpoint's stream");
+    let events = raw::split_events(&body);
+    assert_eq!(
+        raw::event_name(events.last().expect("events")),
+        "message_stop"
+    );
+    assert_eq!((slow.requests(), fast.requests()), (1, 1));
     let h = proxy.endpoint_stats(0)["health_status"].clone();
-    assert_eq!(h["failed_requests"], 2);
+    assert_eq!(
+        (h["total_requests"].as_u64(), h["failed_requests"].as_u64()),
+        (Some(1), Some(1)),
+        "{h}"
+    );
     assert!(
         h["last_error"].as_str().unwrap().contains("idle_timeout"),
         "{h}"
+    );
+    assert_eq!(
+        proxy.endpoint_stats(1)["health_status"]["failed_requests"],
+        0
     );
 }
 
