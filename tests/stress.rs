@@ -25,8 +25,12 @@ const MAX_REQUESTS_PER_CLIENT: usize = 5_000;
 /// How long each fault lasts on a mock; the mocks are a step apart in the cycle.
 const STEP: Duration = Duration::from_millis(250);
 const CYCLES: usize = 2;
-/// A hung mock costs an attempt this long (the endpoints' `timeout`).
-const TIMEOUT_SECONDS: f64 = 0.5;
+/// The endpoints' `timeout`. Far longer than a step: a hung attempt ends when its mock's
+/// fault changes (the mock closes it, a failure before the headers). And far longer than a
+/// busy machine may stall a thread: with 0.5 s, an attempt sometimes timed out before its
+/// body was sent ("timed out (send body)"), so the proxy recorded an attempt that the mock,
+/// which counts whole requests, never saw.
+const TIMEOUT_SECONDS: f64 = 5.0;
 
 /// Per endpoint. The queue holds the first and last out of service through their hang
 /// step; the second is never queued, so its hang and 429 steps meet client traffic.
