@@ -27,12 +27,13 @@ fn forwards_to_a_healthy_endpoint_with_its_key() {
 /// `idle_timeout` bounds the wait for each body piece (here the slow endpoint's first SSE
 /// event, which comes 30 s after its head), while the endpoint's `timeout` alone bounds the
 /// wait for headers. Before the commit point that is a failure of the slow endpoint, and the
-/// fast one answers.
+/// fast one answers. (1 s: far from the slow endpoint's 30 s, and longer than a busy
+/// machine would stall the fast mock between its head and its first event.)
 #[test]
 fn idle_timeout_cuts_a_silent_stream_and_fails_over() {
     let slow = MockUpstream::start_named("slow", Fault::SlowBody { delay_ms: 30_000 }).unwrap();
     let fast = MockUpstream::start_named("fast", Fault::None).unwrap();
-    let proxy = Proxy::start(&[&slow, &fast], json!({"idle_timeout": 0.3}));
+    let proxy = Proxy::start(&[&slow, &fast], json!({"idle_timeout": 1}));
     let body = json!({"model": "m", "max_tokens": 5, "stream": true,
                       "messages": [{"role": "user", "content": "hi"}]})
     .to_string();
