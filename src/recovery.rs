@@ -286,3 +286,50 @@ fn recovery_loop(state: &State, interval: Duration, stopped: &Receiver<()>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_millis(800);
+
+    fn claim_one(
+        schedule: &Schedule,
+        id: EndpointId,
+        now: Instant,
+        force: bool,
+    ) -> Vec<EndpointId> {
+        schedule.claim_due(&[id], now, FIRST, Duration::ZERO, force)
+    }
+
+    /// The back-off, with the clock handed in: after each failed probe the endpoint is not
+    /// due a moment before its wait ends and is due when it ends, the wait doubles up to
+    /// the maximum, a claimed endpoint is claimed once, forced or not, and a forced round
+    /// does not wait. (`tests/recovery.rs` sees the same waits logged by a running proxy.)
+    #[test]
+    fn a_failed_probe_waits_twice_as_long_and_the_claim_honours_it() {
+        let schedule = Schedule::default();
+        let id = EndpointId(7);
+        assert_eq!(claim_one(&schedule, id, Instant::now(), false), vec![id]);
+        for expected_ms in [200, 400, 800, 800] {
+            assert!(
+                claim_one(&schedule, id, Instant::now(), true).is_empty(),
+                "claimed"
+            );
+            let before = Instant::now();
+            let wait = schedule.release(id, false, MAX);
+            let after = Instant::now();
+            assert_eq!(wait, Duration::from_millis(expected_ms));
+            // The next probe is due at the release's clock reading plus the wait.
+            let too_early = before + wait - Duration::from_nanos(1);
+            assert!(claim_one(&schedule, id, too_early, false).is_empty());
+            assert_eq!(claim_one(&schedule, id, after + wait, false), vec![id]);
+        }
+        schedule.release(id, false, MAX);
+        assert_eq!(claim_one(&schedule, id, Instant::now(), true), vec![id]);
+        // A recovery forgets the back-off: next time the endpoint is due at once.
+        schedule.release(id, true, MAX);
+        assert_eq!(claim_one(&schedule, id, Instant::now(), false), vec![id]);
+    }
+}
