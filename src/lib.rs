@@ -24,6 +24,8 @@ pub mod logfile;
 pub mod logging;
 pub mod metrics;
 pub mod mock;
+#[cfg(all(test, loom))]
+mod models;
 pub mod probe;
 pub mod recovery;
 pub mod rewrite;

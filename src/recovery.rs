@@ -8,6 +8,7 @@
 //! endpoint costs few probe tokens; a recovery resets it.
 
 use crate::endpoint::{Endpoint, EndpointId};
+use crate::failure_queue::FailureQueue;
 use crate::probe::{self, ProbeResult};
 use crate::state::State;
 use crate::sync::Mutex;
@@ -99,34 +100,21 @@ pub struct Report {
 
 /// Probes every queued endpoint that is due (all of them when `force`), in parallel, and
 /// applies the results. Blocks until the round is over.
+///
+/// Three steps, and only the middle one touches the network: `claim` (locks, no I/O),
+/// the probes (no lock), `apply` per result (locks, no I/O). The loom models
+/// (`src/models.rs`) call `claim` and `apply` themselves, with a made-up result in place
+/// of the probe, so what they check is this code.
 pub fn round(state: &State, force: bool) -> Vec<Report> {
     let generation = state.current();
     let config = &generation.config;
-    let (queued, _) = state.queue.snapshot();
-    // A disabled endpoint stays queued but costs no probes until it is enabled again.
-    let probed: Vec<EndpointId> = queued
-        .into_iter()
-        .filter(|id| generation.endpoint(*id).is_some_and(|e| e.is_enabled()))
-        .collect();
-    let slack = config.recovery_interval / 10;
-    let claimed = state.schedule.claim_due(
-        &probed,
-        Instant::now(),
+    let due = claim(
+        &state.queue,
+        &state.schedule,
+        &generation.endpoints,
         config.recovery_interval,
-        slack,
         force,
     );
-    // Claimed after the snapshot: another round may have brought one back in between.
-    let due: Vec<Arc<Endpoint>> = claimed
-        .into_iter()
-        .filter_map(|id| {
-            let still_queued = state.queue.contains(id);
-            if !still_queued {
-                state.schedule.forget(id);
-            }
-            generation.endpoint(id).filter(|_| still_queued).cloned()
-        })
-        .collect();
     if due.is_empty() {
         return Vec::new();
     }
@@ -136,42 +124,94 @@ pub fn round(state: &State, force: bool) -> Vec<Report> {
         .install(|| due.par_iter().map(|e| probe::run(e, probe)).collect());
     due.iter()
         .zip(results)
-        .map(|(e, result)| apply(state, e, result))
+        .map(|(e, result)| {
+            apply(
+                &state.queue,
+                &state.schedule,
+                e,
+                &result,
+                config.recovery_max_interval,
+            );
+            Report {
+                id: e.id(),
+                name: e.name().to_string(),
+                result,
+            }
+        })
         .collect()
 }
 
-/// Applies one claimed probe's result: a recovered endpoint gets its health reset, then
-/// leaves the queue (in that order, so it is never in service with stale failures); a
-/// failing one waits longer. A probe of an endpoint an operator cleared meanwhile counts
-/// for nothing.
-fn apply(state: &State, endpoint: &Endpoint, result: ProbeResult) -> Report {
+/// The first step of a round: the queued endpoints of `endpoints` that are enabled, due
+/// (all of them with `force`) and not being probed by another round, claimed in the
+/// schedule for this round. Each lock is taken and released in turn, so the caller may
+/// send the probes at once; each claimed endpoint must then go through `apply`, which
+/// ends its claim. `interval` is `recovery_interval`: an endpoint's first wait, and a
+/// tenth of it absorbs a tick that comes a little early.
+pub fn claim(
+    queue: &FailureQueue,
+    schedule: &Schedule,
+    endpoints: &[Arc<Endpoint>],
+    interval: Duration,
+    force: bool,
+) -> Vec<Arc<Endpoint>> {
+    let find = |id: EndpointId| endpoints.iter().find(|e| e.id() == id);
+    let (queued, _) = queue.snapshot();
+    // A disabled endpoint stays queued but costs no probes until it is enabled again.
+    let probed: Vec<EndpointId> = queued
+        .into_iter()
+        .filter(|id| find(*id).is_some_and(|e| e.is_enabled()))
+        .collect();
+    let claimed = schedule.claim_due(&probed, Instant::now(), interval, interval / 10, force);
+    // Claimed after the snapshot: another round may have brought one back in between.
+    claimed
+        .into_iter()
+        .filter_map(|id| {
+            let still_queued = queue.contains(id);
+            if !still_queued {
+                schedule.forget(id);
+            }
+            find(id).filter(|_| still_queued).cloned()
+        })
+        .collect()
+}
+
+/// The last step of a round, for one claimed endpoint and its probe's result: a
+/// recovered endpoint gets its health reset, then leaves the queue (in that order, so it
+/// is never in service with stale failures, where one more failure would queue it
+/// again); a failing one waits twice as long, up to `max_interval`. Either way the claim
+/// ends. A probe of an endpoint an operator cleared meanwhile counts for nothing. True
+/// when this call took the endpoint out of the queue.
+pub fn apply(
+    queue: &FailureQueue,
+    schedule: &Schedule,
+    endpoint: &Endpoint,
+    result: &ProbeResult,
+    max_interval: Duration,
+) -> bool {
     let id = endpoint.id();
     endpoint.count_probe();
-    let max = state.current().config.recovery_max_interval;
     if result.recovered {
         endpoint.reset_to_healthy();
-        if state.queue.record_probe(id, true) {
+        let back = queue.record_probe(id, true);
+        if back {
             info!(
                 "endpoint {} ({id}) recovered and is back in service: {}",
                 endpoint.name(),
                 result.detail
             );
         }
-        state.schedule.release(id, true, max);
+        schedule.release(id, true, max_interval);
+        back
     } else {
-        state.queue.record_probe(id, false);
-        let wait = state.schedule.release(id, false, max);
+        queue.record_probe(id, false);
+        let wait = schedule.release(id, false, max_interval);
         warn!(
             "endpoint {} ({id}) is still failing: {}; next probe in {:.1}s",
             endpoint.name(),
             result.detail,
             wait.as_secs_f64()
         );
-    }
-    Report {
-        id,
-        name: endpoint.name().to_string(),
-        result,
+        false
     }
 }
 
@@ -244,5 +284,52 @@ fn recovery_loop(state: &State, interval: Duration, stopped: &Receiver<()>) {
             recv(ticker) -> _ => { round(state, false); }
             recv(stopped) -> _ => break,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FIRST: Duration = Duration::from_millis(100);
+    const MAX: Duration = Duration::from_millis(800);
+
+    fn claim_one(
+        schedule: &Schedule,
+        id: EndpointId,
+        now: Instant,
+        force: bool,
+    ) -> Vec<EndpointId> {
+        schedule.claim_due(&[id], now, FIRST, Duration::ZERO, force)
+    }
+
+    /// The back-off, with the clock handed in: after each failed probe the endpoint is not
+    /// due a moment before its wait ends and is due when it ends, the wait doubles up to
+    /// the maximum, a claimed endpoint is claimed once, forced or not, and a forced round
+    /// does not wait. (`tests/recovery.rs` sees the same waits logged by a running proxy.)
+    #[test]
+    fn a_failed_probe_waits_twice_as_long_and_the_claim_honours_it() {
+        let schedule = Schedule::default();
+        let id = EndpointId(7);
+        assert_eq!(claim_one(&schedule, id, Instant::now(), false), vec![id]);
+        for expected_ms in [200, 400, 800, 800] {
+            assert!(
+                claim_one(&schedule, id, Instant::now(), true).is_empty(),
+                "claimed"
+            );
+            let before = Instant::now();
+            let wait = schedule.release(id, false, MAX);
+            let after = Instant::now();
+            assert_eq!(wait, Duration::from_millis(expected_ms));
+            // The next probe is due at the release's clock reading plus the wait.
+            let too_early = before + wait - Duration::from_nanos(1);
+            assert!(claim_one(&schedule, id, too_early, false).is_empty());
+            assert_eq!(claim_one(&schedule, id, after + wait, false), vec![id]);
+        }
+        schedule.release(id, false, MAX);
+        assert_eq!(claim_one(&schedule, id, Instant::now(), true), vec![id]);
+        // A recovery forgets the back-off: next time the endpoint is due at once.
+        schedule.release(id, true, MAX);
+        assert_eq!(claim_one(&schedule, id, Instant::now(), false), vec![id]);
     }
 }

@@ -127,57 +127,14 @@ impl State {
     }
 
     /// Records one attempt's outcome on an endpoint and quarantines it if the outcome
-    /// says so. Two lock scopes, one after the other, never nested.
+    /// says so (`record_attempt`).
     pub fn record(&self, endpoint: &Endpoint, outcome: &Outcome, elapsed: Duration) {
-        let verdict = endpoint.record(outcome, elapsed);
-        match outcome {
-            Outcome::Success => {}
-            Outcome::RateLimited { until, reason } => {
-                let secs = until
-                    .saturating_duration_since(Instant::now())
-                    .as_secs_f64();
-                info!(
-                    "endpoint {} ({}) cools down for {secs:.1}s: {reason}",
-                    endpoint.name(),
-                    endpoint.id()
-                );
-            }
-            Outcome::AuthFailure(reason) | Outcome::Failure(reason) => {
-                warn!(
-                    "endpoint {} ({}) failed: {reason}",
-                    endpoint.name(),
-                    endpoint.id()
-                );
-                if verdict == Verdict::Quarantine {
-                    self.quarantine(endpoint, reason);
-                }
-            }
-        }
+        record_attempt(&self.queue, endpoint, outcome, elapsed);
     }
 
-    /// Puts the endpoint in the failure queue; only the call that adds it logs at info.
-    pub fn quarantine(&self, endpoint: &Endpoint, reason: &str) {
-        if self.queue.add(endpoint.id()) {
-            info!(
-                "endpoint {} ({}) entered the failure queue: {reason}",
-                endpoint.name(),
-                endpoint.id()
-            );
-        } else {
-            debug!(
-                "endpoint {} ({}) is already in the failure queue",
-                endpoint.name(),
-                endpoint.id()
-            );
-        }
-    }
-
-    /// Eligible for normal traffic: enabled, not queued, not cooling down.
+    /// Eligible for normal traffic: enabled, not queued, not cooling down (`is_eligible`).
     pub fn is_eligible(&self, endpoint: &Endpoint, now: Instant) -> bool {
-        endpoint.is_enabled()
-            && !endpoint.is_full()
-            && !self.queue.contains(endpoint.id())
-            && !endpoint.is_cooling(now)
+        is_eligible(&self.queue, endpoint, now)
     }
 
     /// The eligible endpoints of a generation, as selection candidates.
@@ -204,6 +161,76 @@ impl State {
         let v = self.last_used.load(Ordering::Relaxed);
         u32::try_from(v).ok().map(EndpointId)
     }
+}
+
+/// Records one attempt: the endpoint's health in one scope of its lock, then, that lock
+/// released, the failure queue when the health says so. Two lock scopes, one after the
+/// other, never nested. True when this call put the endpoint in the queue: only that call
+/// logs "entered the failure queue", so the line appears once per entry however many
+/// threads report the endpoint at once.
+///
+/// A function of the two parts it touches rather than a method of `State`, so that the
+/// loom models (`src/models.rs`) run this very code without building a `State` (its
+/// probe pool and agents) in each of their thousands of executions.
+pub fn record_attempt(
+    queue: &FailureQueue,
+    endpoint: &Endpoint,
+    outcome: &Outcome,
+    elapsed: Duration,
+) -> bool {
+    let verdict = endpoint.record(outcome, elapsed);
+    match outcome {
+        Outcome::Success => false,
+        Outcome::RateLimited { until, reason } => {
+            let secs = until
+                .saturating_duration_since(Instant::now())
+                .as_secs_f64();
+            info!(
+                "endpoint {} ({}) cools down for {secs:.1}s: {reason}",
+                endpoint.name(),
+                endpoint.id()
+            );
+            false
+        }
+        Outcome::AuthFailure(reason) | Outcome::Failure(reason) => {
+            warn!(
+                "endpoint {} ({}) failed: {reason}",
+                endpoint.name(),
+                endpoint.id()
+            );
+            verdict == Verdict::Quarantine && quarantine(queue, endpoint, reason)
+        }
+    }
+}
+
+/// Puts the endpoint in the failure queue; only the call that adds it logs at info, and
+/// returns true.
+fn quarantine(queue: &FailureQueue, endpoint: &Endpoint, reason: &str) -> bool {
+    let added = queue.add(endpoint.id());
+    if added {
+        info!(
+            "endpoint {} ({}) entered the failure queue: {reason}",
+            endpoint.name(),
+            endpoint.id()
+        );
+    } else {
+        debug!(
+            "endpoint {} ({}) is already in the failure queue",
+            endpoint.name(),
+            endpoint.id()
+        );
+    }
+    added
+}
+
+/// Eligible for normal traffic: enabled, not queued, not cooling down. The queue's lock,
+/// then the health's, one after the other. (A function of its parts for the same reason
+/// as `record_attempt`.)
+pub fn is_eligible(queue: &FailureQueue, endpoint: &Endpoint, now: Instant) -> bool {
+    endpoint.is_enabled()
+        && !endpoint.is_full()
+        && !queue.contains(endpoint.id())
+        && !endpoint.is_cooling(now)
 }
 
 /// Builds a generation; an endpoint whose id was in the `previous` one keeps its health

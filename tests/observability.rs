@@ -34,66 +34,84 @@ fn metrics(proxy: &Proxy) -> HashMap<String, f64> {
         .collect()
 }
 
-/// A run with successes, failovers, a quarantine, a 429 and a client error.
-fn busy_proxy(mocks: &[MockUpstream]) -> Proxy {
-    let refs: Vec<&MockUpstream> = mocks.iter().collect();
-    let proxy = Proxy::start(
-        &refs,
-        json!({"recovery_interval": 600, "strategy": "round_robin"}),
-    );
-    let client = agent();
-    for fault in [
-        "none", "500", "529", "none", "429", "400", "reset", "none", "none",
-    ] {
-        send_message(&client, &proxy.url, &[("x-mock-fault", fault)]);
-    }
-    mocks[0].set_fault(Fault::Status(401));
-    for _ in 0..4 {
-        send_message(&client, &proxy.url, &[]);
-    }
-    proxy
+/// Checks an answer's status and the mock that gave it.
+fn assert_answer(answer: &Answer, status: u16, upstream: &str) {
+    let seen = (answer.status, answer.header("x-mock-upstream"));
+    assert_eq!(seen, (status, Some(upstream)), "{}", answer.text());
 }
+
+/// A run whose every step is checked as it happens: a success, a client error, three
+/// failovers while the first endpoint fails (two 500s, then a 401 that quarantines it),
+/// and a 429 from the second with nothing left to fail over to. `REQUESTS`, `FAILOVERS`
+/// and `ATTEMPTS` follow from these steps.
+fn busy_proxy() -> (Proxy, [MockUpstream; 2]) {
+    let mocks = ["a", "b"].map(|name| MockUpstream::start_named(name, Fault::None).unwrap());
+    let [a, b] = &mocks;
+    let proxy = Proxy::start(&[a, b], json!({"recovery_interval": 600}));
+    let client = agent();
+    let send = |headers: &[(&str, &str)]| send_message(&client, &proxy.url, headers);
+    assert_answer(&send(&[]), 200, "a");
+    // A client error goes back as it came, after one attempt, and is no endpoint's fault.
+    assert_answer(&send(&[("x-mock-fault", "400")]), 400, "a");
+    a.set_fault(Fault::Status(500));
+    for _ in 0..2 {
+        assert_answer(&send(&[]), 200, "b");
+    }
+    // A refused key quarantines at once (here it is also the third failure in a row).
+    a.set_fault(Fault::Status(401));
+    assert_answer(&send(&[]), 200, "b");
+    assert_eq!(proxy.stats()["failed_endpoints"], json!([proxy.id(0)]));
+    // The only endpoint left answers 429: it cools down, none is left, and the client gets
+    // that last answer.
+    assert_answer(&send(&[("x-mock-fault", "429")]), 429, "b");
+    assert_eq!((a.requests(), b.requests()), (5, 4));
+    (proxy, mocks)
+}
+
+/// What `busy_proxy` leaves behind: 6 requests, 4 answered below 400 (the success and the
+/// three failovers), 2 not (the 400 and the 429). Endpoint a: 1 success and 3 failures
+/// recorded (the 400 is not recorded), queued once; endpoint b: 3 successes and the 429.
+const REQUESTS: (f64, f64, f64) = (6.0, 4.0, 2.0);
+const FAILOVERS: f64 = 3.0;
+/// Per endpoint: (attempts recorded, failed ones).
+const ATTEMPTS: [(f64, f64); 2] = [(4.0, 3.0), (4.0, 1.0)];
 
 #[test]
 fn metrics_parse_and_agree_exactly_with_stats() {
-    let mocks = vec![mock(Fault::None), mock(Fault::None)];
-    let proxy = busy_proxy(&mocks);
+    let (proxy, _mocks) = busy_proxy();
+    let (total, ok, failed) = REQUESTS;
+    // The duration of a request is observed just after its answer is written.
+    let durations = "failover_proxy_request_duration_seconds_count{}";
+    wait_until("every request's duration is observed", || {
+        metrics(&proxy)[durations] >= total
+    });
     let m = metrics(&proxy);
     let stats = proxy.stats();
     let num = |v: &Value| v.as_f64().unwrap();
-    assert_eq!(
-        m["failover_proxy_requests_total{outcome=success}"],
-        num(&stats["successful_requests"])
-    );
-    assert_eq!(
-        m["failover_proxy_requests_total{outcome=failure}"],
-        num(&stats["failed_requests"])
-    );
-    assert_eq!(
-        m["failover_proxy_failure_queue_size{}"],
-        num(&stats["failure_queue_size"])
-    );
-    let q = &stats["failure_queue_stats"];
-    assert_eq!(
-        m["failover_proxy_failure_queue_entries_total{}"],
-        num(&q["total_failed"])
-    );
-    for e in stats["endpoints"].as_array().unwrap() {
-        let labels = format!(
-            "endpoint={},id={}",
-            e["name"].as_str().unwrap(),
-            e["id"].as_str().unwrap()
-        );
+    assert_eq!(m[durations], total);
+    assert_eq!(num(&stats["total_requests"]), total);
+    assert_eq!(m["failover_proxy_requests_total{outcome=success}"], ok);
+    assert_eq!(num(&stats["successful_requests"]), ok);
+    assert_eq!(m["failover_proxy_requests_total{outcome=failure}"], failed);
+    assert_eq!(num(&stats["failed_requests"]), failed);
+    assert_eq!(m["failover_proxy_failovers_total{}"], FAILOVERS);
+    assert_eq!(m["failover_proxy_failure_queue_size{}"], 1.0);
+    assert_eq!(num(&stats["failure_queue_size"]), 1.0);
+    assert_eq!(stats["failed_endpoints"], json!([proxy.id(0)]));
+    assert_eq!(m["failover_proxy_failure_queue_entries_total{}"], 1.0);
+    assert_eq!(num(&stats["failure_queue_stats"]["total_failed"]), 1.0);
+    for (i, (attempts, failures)) in ATTEMPTS.into_iter().enumerate() {
+        let e = endpoint_in(&stats, &proxy.id(i));
+        let labels = format!("endpoint=ep{i},id={}", proxy.id(i));
         let h = &e["health_status"];
-        let failed =
-            m[&format!("failover_proxy_endpoint_attempts_total{{{labels},outcome=failure}}")];
-        let ok = m[&format!("failover_proxy_endpoint_attempts_total{{{labels},outcome=success}}")];
-        assert_eq!(failed, num(&h["failed_requests"]));
-        assert_eq!(ok + failed, num(&h["total_requests"]));
+        let attempts_with = |outcome: &str| {
+            m[&format!("failover_proxy_endpoint_attempts_total{{{labels},outcome={outcome}}}")]
+        };
+        assert_eq!(attempts_with("failure"), failures, "ep{i}");
+        assert_eq!(attempts_with("success"), attempts - failures, "ep{i}");
+        assert_eq!(num(&h["failed_requests"]), failures, "ep{i}: {h}");
+        assert_eq!(num(&h["total_requests"]), attempts, "ep{i}: {h}");
     }
-    let total = num(&stats["total_requests"]);
-    assert_eq!(total, 13.0);
-    assert_eq!(m["failover_proxy_request_duration_seconds_count{}"], total);
 }
 
 /// A writer the test can read back after the proxy wrote a response into it.
@@ -190,8 +208,7 @@ fn access_tokens_guard_the_proxy() {
 
 #[test]
 fn keys_never_appear_in_stats_metrics_status_or_logs() {
-    let mocks = vec![mock(Fault::None), mock(Fault::None)];
-    let proxy = busy_proxy(&mocks);
+    let (proxy, _mocks) = busy_proxy();
     let (_, metrics_text) = get(&format!("{}/__qcc__/metrics", proxy.url));
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_failover-proxy"))
         .args(["status", "--url", &proxy.url])
