@@ -302,13 +302,11 @@ fn panic_endpoint(generation: &Generation) -> Option<usize> {
 fn deadline(endpoint: &Endpoint, stream: bool, started: Instant) -> (Instant, &'static str) {
     let config = &endpoint.config;
     if stream {
-        let no_content = "no content before stream_timeout";
+        let no_content = "timed out: no content before stream_timeout";
         (started + config.stream_timeout, no_content)
     } else {
-        (
-            started + config.timeout,
-            "no complete answer within timeout",
-        )
+        let no_answer = "timed out: no complete answer within timeout";
+        (started + config.timeout, no_answer)
     }
 }
 

@@ -288,6 +288,8 @@ fn describe_io(io: &std::io::Error) -> String {
         Kind::ConnectionRefused => {
             "connect: connection refused (nothing listens there)".to_string()
         }
+        // The request's own deadline (idle.rs) says which one it was.
+        Kind::TimedOut if io.get_ref().is_some() => io.to_string(),
         Kind::TimedOut => "connect: timed out".to_string(),
         Kind::HostUnreachable | Kind::NetworkUnreachable => format!("connect: {io}"),
         Kind::ConnectionReset

@@ -11,6 +11,7 @@ mod config_check;
 mod demo;
 mod failover;
 mod forwarding;
+mod hangs;
 mod head_fuzz;
 mod hostile;
 mod import;
