@@ -63,7 +63,7 @@ enum Command {
     /// Run one mock upstream on 127.0.0.1 (a free port) until Ctrl-C, to try the proxy by
     /// hand; a request header `x-mock-fault` overrides the fault per request.
     #[command(
-        after_help = "Examples:\n  failover-proxy mock --name primary --fault 529\n  failover-proxy mock --name backup\nFaults: none, 400-599, 429, reset, hang, slow, soft, sse-error, cut"
+        after_help = "Examples:\n  failover-proxy mock --name primary --fault 529\n  failover-proxy mock --name backup\nFaults: none, 400-599, 429, reset, hang, slow, soft, sse-error, cut, pings"
     )]
     Mock {
         /// The fault every request gets unless its x-mock-fault header says otherwise.

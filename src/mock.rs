@@ -23,7 +23,8 @@
 //! - `x-mock-fault`: overrides the default fault for this request: `none`, a status from
 //!   400 to 599 (`429` means [`Fault::RateLimited`] with `retry-after: 1`), `reset`, `hang`,
 //!   `slow` (delay from `x-mock-delay-ms`, default 20 ms), `soft`, `sse-error`, `cut`
-//!   (after 3 events), `cut:N` (after N events), `gated`. Other values are answered 400.
+//!   (after 3 events), `cut:N` (after N events), `gated`, `pings` (the preamble, then only
+//!   pings), `pings:N` (N events, then only pings). Other values are answered 400.
 //! - `x-mock-events: N`: the number of `content_block_delta` events in a stream (default 5);
 //!   a stream always has N + 5 events in all.
 //! - `x-mock-event-bytes: N`: pads the streamed text with `.` so that each delta carries
