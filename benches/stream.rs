@@ -64,7 +64,8 @@ impl Samples {
         self.first_content.push(ms(content - timeline.sent));
         let after = &timeline.events[timeline.first_content..];
         for (k, at) in after.iter().enumerate().skip(1) {
-            self.event_delay.push(ms(*at - content) - ms(GAP * k as u32));
+            self.event_delay
+                .push(ms(*at - content) - ms(GAP * k as u32));
             self.gap.push(ms(*at - after[k - 1]));
         }
     }

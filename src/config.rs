@@ -289,6 +289,15 @@ fn describe_json_error(e: serde_json::Error) -> String {
         Some(cut) => &text[..cut],
         None => &text,
     };
+    // serde quotes what the file says (an unknown field's name): a control character in
+    // it must not break the message into lines of its own.
+    let message: String = message
+        .chars()
+        .flat_map(|c| match c.is_control() {
+            true => c.escape_default().collect::<Vec<_>>(),
+            false => vec![c],
+        })
+        .collect();
     format!("line {}, column {}: {message}", e.line(), e.column())
 }
 

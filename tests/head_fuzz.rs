@@ -17,21 +17,21 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};
 
 /// A small deterministic generator (xorshift64*): the same seed gives the same cases.
-struct Rng(u64);
+pub struct Rng(pub u64);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
+    pub fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
-    fn below(&mut self, n: usize) -> usize {
+    pub fn below(&mut self, n: usize) -> usize {
         (self.next() % n as u64) as usize
     }
 
-    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+    pub fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
         items[self.below(items.len())]
     }
 }
@@ -139,6 +139,25 @@ fn mutated_case(rng: &mut Rng) -> Vec<u8> {
     head
 }
 
+/// The files of `tests/corpus/<kind>`, by name.
+pub fn corpus(kind: &str) -> Vec<(String, Vec<u8>)> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/corpus")
+        .join(kind);
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|entry| entry.expect("a corpus entry").path())
+        .collect();
+    files.sort();
+    files
+        .into_iter()
+        .map(|path| {
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            (name, std::fs::read(&path).expect("a corpus file"))
+        })
+        .collect()
+}
+
 /// Up to 300 bytes of anything, a line feed included.
 fn garbage_case(rng: &mut Rng) -> Vec<u8> {
     (0..rng.below(300)).map(|_| rng.below(256) as u8).collect()
@@ -210,6 +229,30 @@ fn no_request_head_crashes_the_proxy_or_gets_two_answers() {
     for _ in 0..300 {
         let bytes = garbage_case(&mut rng);
         answers_to(&binary.url, &bytes);
+    }
+    // The corpus (tests/corpus/heads): each as it is gets at most one answer; mutated
+    // (any byte, line feeds included) it may be any number of requests, so only the
+    // answers' shape and the process are checked.
+    let seeds = corpus("heads");
+    for (name, seed) in &seeds {
+        let answers = answers_to(&binary.url, seed);
+        assert!(answers <= 1, "{name}: {answers} answers");
+    }
+    let smuggled = upstream.recorded().iter().any(|r| r.path == "/smuggled");
+    assert!(!smuggled, "a corpus case's body ran as a request");
+    for (_, seed) in &seeds {
+        for _ in 0..50 {
+            let mut bytes = seed.clone();
+            for _ in 0..1 + rng.below(3) {
+                let at = rng.below(bytes.len());
+                match rng.below(3) {
+                    0 => bytes[at] = rng.below(256) as u8,
+                    1 => bytes.insert(at, rng.below(256) as u8),
+                    _ => drop(bytes.remove(at)),
+                }
+            }
+            answers_to(&binary.url, &bytes);
+        }
     }
     assert!(binary.alive(), "the proxy died:\n{}", binary.stderr());
     assert!(!binary.stderr().contains("panicked"), "{}", binary.stderr());

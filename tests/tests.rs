@@ -8,6 +8,7 @@ mod capacity;
 mod check_probe;
 mod concurrency;
 mod config_check;
+mod config_fuzz;
 mod demo;
 mod failover;
 mod forwarding;
