@@ -21,6 +21,7 @@ mod observability;
 mod outbound_proxy;
 mod passthrough;
 mod recovery;
+mod soak;
 mod streaming;
 mod stress;
 mod tls;
