@@ -370,11 +370,17 @@ mod shutdown {
         for _ in 0..3 {
             assert_eq!(post_message(&url, &[]).0, 200);
         }
-        let (status, body) = get(&format!(
-            "{url}/__qcc__/logs?lines=2&level=warn&grep=failed"
-        ));
-        assert_eq!(status, 200);
-        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let logs = |query: &str| {
+            let (status, body) = get(&format!("{url}/__qcc__/logs?{query}"));
+            assert_eq!(status, 200);
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap()
+        };
+        // The log-writer thread writes a line just after it is logged: wait for the last.
+        let queued = "grep=entered%20the%20failure%20queue";
+        wait_until("the queue entry in the log file", || {
+            logs(queued)["lines"].as_array().unwrap().len() == 1
+        });
+        let answer = logs("lines=2&level=warn&grep=failed");
         let lines = answer["lines"].as_array().unwrap();
         assert_eq!(lines.len(), 2, "{answer}");
         for line in lines {
@@ -382,11 +388,7 @@ mod shutdown {
             assert!(line.contains("[WARN]") && line.contains("failed"), "{line}");
             assert!(!line.contains(&key(0)), "{line}");
         }
-        let (status, body) = get(&format!(
-            "{url}/__qcc__/logs?grep=entered%20the%20failure%20queue"
-        ));
-        assert_eq!(status, 200);
-        let answer: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        let answer = logs(queued);
         assert_eq!(answer["lines"].as_array().unwrap().len(), 1, "{answer}");
         // SAFETY: sends a signal to our own child process.
         assert_eq!(
