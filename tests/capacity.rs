@@ -13,19 +13,7 @@ use std::io::Read;
 use std::net::TcpStream;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
-
-/// Waits up to `limit` for `done`; false if it never happened.
-fn within(limit: Duration, done: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    done()
-}
+use std::time::Duration;
 
 /// Opens a stream through the proxy and reads its head and first event; the rest is read
 /// by `finish`.

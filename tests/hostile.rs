@@ -68,6 +68,16 @@ fn still_serves(binary: &mut Binary) {
     assert!(!binary.stderr().contains("panicked"), "{}", binary.stderr());
 }
 
+/// `bytes` to a fresh binary with `extra` settings: the one answer, its status and error
+/// type as given, nothing asked of the upstreams, the proxy still serving.
+fn refused_once(extra: Value, bytes: &[u8], status: u16, kind: &str) {
+    let (a, b, mut binary) = two_behind_binary(extra);
+    let (got, body) = only_answer(&binary.url, bytes);
+    assert_eq!((got, error_type(&body)), (status, kind));
+    untouched(&a, &b, &binary);
+    still_serves(&mut binary);
+}
+
 fn head_with(lines: &[&str]) -> Vec<u8> {
     let mut text = String::from("POST /v1/messages HTTP/1.1\r\nhost: 127.0.0.1\r\n");
     for line in lines {
@@ -111,14 +121,14 @@ fn a_terabyte_content_length_gets_413_at_once_and_the_proxy_lives() {
 
 #[test]
 fn expect_100_continue_over_the_limit_gets_413_without_100_or_a_wait() {
-    let (a, b, mut binary) = two_behind_binary(json!({"max_body_bytes": 1000}));
-    let bytes = head_with(&["content-length: 1001", "expect: 100-continue"]);
     // The body is never sent: the answer must not wait for it.
-    let (status, body) = only_answer(&binary.url, &bytes);
-    assert_eq!(status, 413);
-    assert_eq!(error_type(&body), "request_too_large");
-    untouched(&a, &b, &binary);
-    still_serves(&mut binary);
+    let bytes = head_with(&["content-length: 1001", "expect: 100-continue"]);
+    refused_once(
+        json!({"max_body_bytes": 1000}),
+        &bytes,
+        413,
+        "request_too_large",
+    );
 }
 
 #[test]
@@ -240,24 +250,17 @@ fn access_tokens_are_checked_from_the_head_before_any_body_byte() {
 
 #[test]
 fn a_body_that_stalls_gets_408_after_client_body_timeout() {
-    let (a, b, mut binary) = two_behind_binary(json!({"client_body_timeout": 0.3}));
     let mut bytes = head_with(&["content-length: 1000"]);
     bytes.extend_from_slice(&[b'{'; 10]);
-    let (status, body) = only_answer(&binary.url, &bytes);
-    assert_eq!(status, 408);
-    assert_eq!(error_type(&body), "invalid_request_error");
-    untouched(&a, &b, &binary);
-    still_serves(&mut binary);
+    let extra = json!({"client_body_timeout": 0.3});
+    refused_once(extra, &bytes, 408, "invalid_request_error");
 }
 
 #[test]
 fn a_slowloris_head_is_cut_at_client_header_timeout() {
-    let (a, b, mut binary) = two_behind_binary(json!({"client_header_timeout": 0.3}));
-    let (status, body) = only_answer(&binary.url, b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n");
-    assert_eq!(status, 408);
-    assert_eq!(error_type(&body), "invalid_request_error");
-    untouched(&a, &b, &binary);
-    still_serves(&mut binary);
+    let bytes = b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n";
+    let extra = json!({"client_header_timeout": 0.3});
+    refused_once(extra, bytes, 408, "invalid_request_error");
 }
 
 #[test]

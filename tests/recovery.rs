@@ -7,18 +7,6 @@ use failover_proxy::mock::{Fault, MockUpstream};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
-/// Polls `done` every 20 ms until it holds or `limit` passes; returns whether it held.
-fn wait_for(limit: Duration, mut done: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if done() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    done()
-}
-
 fn queued(proxy: &Proxy) -> Vec<String> {
     let stats = proxy.stats();
     let ids = stats["failed_endpoints"].as_array().unwrap();
@@ -59,7 +47,7 @@ fn a_failed_endpoint_is_quarantined_gets_no_traffic_and_comes_back() {
         before
     );
     primary.set_fault(Fault::None);
-    assert!(wait_for(Duration::from_secs(5), || queued(&proxy).is_empty()));
+    assert!(within(Duration::from_secs(5), || queued(&proxy).is_empty()));
     let stats = proxy.stats();
     assert_eq!(stats["failure_queue_stats"]["total_recovered"], 1);
     assert_eq!(
@@ -79,7 +67,7 @@ fn a_probe_answered_without_the_code_leaves_the_endpoint_queued() {
     assert_eq!(queued(&proxy), vec![proxy.id(0)]);
     // 200 with an error inside: no echo of the code.
     primary.set_fault(Fault::SoftError200);
-    assert!(wait_for(Duration::from_secs(5), || {
+    assert!(within(Duration::from_secs(5), || {
         proxy.stats()["failure_queue_stats"]["total_still_failed"].as_u64() >= Some(2)
     }));
     assert_eq!(queued(&proxy), vec![proxy.id(0)]);
@@ -255,7 +243,7 @@ mod shutdown {
                 std::thread::spawn(move || post_message(&url, &[]))
             })
             .collect();
-        assert!(wait_for(Duration::from_secs(5), || slow.requests() == 5));
+        assert!(within(Duration::from_secs(5), || slow.requests() == 5));
         let pid = child.id() as libc::pid_t;
         // SAFETY: sends a signal to our own child process; no memory is involved.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGTERM) }, 0);
@@ -343,7 +331,7 @@ mod shutdown {
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGHUP) },
             0
         );
-        assert!(wait_for(Duration::from_secs(5), || {
+        assert!(within(Duration::from_secs(5), || {
             stats_of(&url)["endpoints"].as_array().unwrap().len() == 1
         }));
         // SAFETY: as above.

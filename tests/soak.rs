@@ -181,16 +181,11 @@ fn soak_mixed_traffic_through_cycling_faults() {
             .all(|e| e["in_flight"] == 0)
     });
     // A request between two attempts (a back-off) is counted when it ends.
-    let counted = || binary.stats()["total_requests"] == answered + abandoned;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !counted() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    within(Duration::from_secs(10), || {
+        binary.stats()["total_requests"] == answered + abandoned
+    });
     let stats = binary.stats();
-    let settled = Instant::now() + Duration::from_secs(15);
-    while binary.threads() > 8 + 16 && Instant::now() < settled {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    within(Duration::from_secs(15), || binary.threads() <= 8 + 16);
     let (rss, threads) = (rss_kib(&binary), binary.threads());
     let entries = binary.log().matches("entered the failure queue").count() as u64;
     println!(
