@@ -140,7 +140,7 @@ fn soak_mixed_traffic_through_cycling_faults() {
                         .wrapping_mul(6364136223846793005)
                         .wrapping_add(1442695040888963407);
                     let stream = n >> 60 < 8;
-                    let give_up = (n >> 40) % 10 == 0;
+                    let give_up = (n >> 40).is_multiple_of(10);
                     if let Err(problem) = one_request(&url, stream, give_up, &tally) {
                         problems.lock().push(problem);
                     }
