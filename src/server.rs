@@ -213,19 +213,7 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
     let connection = request.connection();
     let watched = connection.clone();
     let overflow = connection.as_ref().is_some_and(|c| c.is_overflow());
-    let checked = check_head(config, &request).and_then(|mut head| {
-        if overflow && !admin::is_admin_path(&head.target) {
-            return Err(overloaded());
-        }
-        if admin::is_admin_path(&head.target) {
-            admin::access(config, listen, remote, &head)
-                .map_err(|denied| (403, "permission_error", denied.0.into()))?;
-        } else {
-            check_access(config, &head).map_err(|m| (401, "authentication_error", m.into()))?;
-        }
-        head.body = read_body(config, &mut request)?;
-        Ok(head)
-    });
+    let checked = check_request(config, listen, overflow, &mut request);
     let mut out = ClientOut::new(request.into_writer(), http10, head)
         .with_closer(Box::new(move || connection.iter().for_each(|c| c.close())));
     if serving.stopping.load(Ordering::SeqCst) || overflow {
@@ -238,7 +226,6 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
             // answer says so (a keep-alive client must not send into a closed connection).
             out.close_after_answer();
             send_refusal(&mut out, status, kind, &message);
-            out.close();
             info!("#{id} {line} → {status} ({message})");
             return;
         }
@@ -268,6 +255,32 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
 }
 
 type Rejection = (u16, &'static str, String);
+
+/// Everything a request must pass before it is served, in the order that costs least:
+/// the head (target, headers, declared length), the connection's place (an overflow
+/// connection serves the admin API only), access (admin or tokens), and only then the
+/// body.
+fn check_request(
+    config: &Config,
+    listen: SocketAddr,
+    overflow: bool,
+    request: &mut tiny_http::Request,
+) -> Result<ClientRequest, Rejection> {
+    let mut head = check_head(config, request)?;
+    let admin = admin::is_admin_path(&head.target);
+    if overflow && !admin {
+        return Err(overloaded());
+    }
+    if admin {
+        let remote = request.remote_addr().copied();
+        admin::access(config, listen, remote, &head)
+            .map_err(|denied| (403, "permission_error", denied.0.into()))?;
+    } else {
+        check_access(config, &head).map_err(|m| (401, "authentication_error", m.into()))?;
+    }
+    head.body = read_body(config, request)?;
+    Ok(head)
+}
 
 /// A connection let in beyond `max_connections` gets this for anything but the admin API.
 fn overloaded() -> Rejection {
