@@ -417,6 +417,8 @@ pub fn stats(state: &State) -> Value {
     let generation = state.current();
     let now = Instant::now();
     let (queued, queue_stats) = state.queue.snapshot();
+    let ids: Vec<EndpointId> = generation.endpoints.iter().map(|e| e.id()).collect();
+    state.history.retain(&ids);
     let endpoints: Vec<Value> = generation
         .endpoints
         .iter()
@@ -461,6 +463,7 @@ fn endpoint_stats(state: &State, e: &Endpoint, now: Instant) -> Value {
         .cooldown_until
         .filter(|&until| until > now)
         .map(|until| iso8601(wall + (until - now)));
+    let next_probe_at = next_probe_at(state, e).map(|at| iso8601(wall_time(at, now, wall)));
     json!({
         "id": e.id().to_string(),
         "name": e.name(),
@@ -482,7 +485,52 @@ fn endpoint_stats(state: &State, e: &Endpoint, now: Instant) -> Value {
         "is_healthy": state.is_eligible(e, now),
         "in_flight": e.in_flight(),
         "cooldown_until": cooldown_until,
+        "next_probe_at": next_probe_at,
+        "history": history(state, e.id(), wall),
     })
+}
+
+/// When a queued, enabled endpoint may next be probed, as the recovery schedule has it.
+/// `None` for an endpoint that is not queued, is disabled (it gets no probes), or was
+/// queued since the last round (the next round probes it). A time in the past means
+/// it is due: the recovery thread probes it on its next tick.
+fn next_probe_at(state: &State, e: &Endpoint) -> Option<Instant> {
+    if !e.is_enabled() || !state.queue.contains(e.id()) {
+        return None;
+    }
+    state.schedule.next_probe_at(e.id())
+}
+
+/// The wall-clock time of `at`, given that `now` is `wall`.
+fn wall_time(at: Instant, now: Instant, wall: SystemTime) -> SystemTime {
+    if at >= now {
+        wall + (at - now)
+    } else {
+        wall - (now - at)
+    }
+}
+
+/// The last 60 minutes of an endpoint's attempts, oldest first (see `history.rs`).
+fn history(state: &State, id: EndpointId, wall: SystemTime) -> Value {
+    let samples = state.history.samples(id, wall);
+    let minutes: Vec<Value> = samples
+        .iter()
+        .map(|s| {
+            json!({
+                "start": s.start,
+                "requests": s.requests,
+                "errors": s.errors,
+                "p50_ms": s.p50_ms.map(round_ms),
+                "p95_ms": s.p95_ms.map(round_ms),
+            })
+        })
+        .collect();
+    Value::Array(minutes)
+}
+
+/// Milliseconds to a tenth: the estimate is no finer than its buckets.
+fn round_ms(ms: f64) -> f64 {
+    (ms * 10.0).round() / 10.0
 }
 
 /// The status page: self-contained HTML that polls `/__qcc__/stats`.

@@ -22,6 +22,7 @@ mod outbound_proxy;
 mod passthrough;
 mod recovery;
 mod soak;
+mod status_page;
 mod streaming;
 mod stress;
 mod tls;
