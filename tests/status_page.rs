@@ -1,11 +1,66 @@
 //! What the status page stands on (issue 17): the per-minute `history` and the
-//! `next_probe_at` of each endpoint in the stats.
+//! `next_probe_at` of each endpoint in the stats, and the paths a browser asks for by
+//! itself (`/favicon.ico`, `/robots.txt`), which the proxy answers and never forwards.
 
+use crate::support::raw::RawClient;
 use crate::support::*;
 use failover_proxy::mock::Fault;
 use failover_proxy::time::iso8601;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};
+
+/// Sends `method path` with `headers` (and `connection: close`) as exact bytes; returns
+/// the status, the headers and the body (none for a 204 or a HEAD).
+fn send_raw(url: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut text = format!("{method} {path} HTTP/1.1\r\nconnection: close\r\n");
+    for (name, value) in headers {
+        text.push_str(&format!("{name}: {value}\r\n"));
+    }
+    text.push_str("\r\n");
+    let mut client = RawClient::connect(url);
+    client.send(text.as_bytes());
+    let head = client.read_head().expect("a response head");
+    let length = match (method, head.content_length()) {
+        ("HEAD", _) | (_, None) => 0,
+        (_, Some(n)) => n,
+    };
+    let body = client.read_exact_body(length).expect("the body");
+    Answer {
+        status: head.status,
+        headers: head.headers,
+        body,
+    }
+}
+
+#[test]
+fn favicon_and_robots_are_answered_by_the_proxy_for_anyone() {
+    let up = mock(Fault::None);
+    // With access tokens, a request without one would get 401; these paths need none,
+    // and a foreign Host (a browser on another name) is served too.
+    let proxy = Proxy::start(&[&up], json!({"access_tokens": ["tok-0123456789abcdef"]}));
+    for host in ["127.0.0.1", "evil.example"] {
+        let icon = send_raw(&proxy.url, "GET", "/favicon.ico", &[("host", host)]);
+        assert_eq!(icon.status, 204, "{host}");
+        assert_eq!(icon.header("cache-control"), Some("max-age=86400"));
+        assert_eq!(icon.header("content-length"), None);
+        let robots = send_raw(&proxy.url, "GET", "/robots.txt", &[("host", host)]);
+        assert_eq!(robots.status, 200, "{host}");
+        assert_eq!(robots.text(), "User-agent: *\nDisallow: /\n");
+        assert_eq!(
+            robots.header("content-type"),
+            Some("text/plain; charset=utf-8")
+        );
+    }
+    let head = send_raw(&proxy.url, "HEAD", "/robots.txt?x=1", &[("host", "a")]);
+    assert_eq!(head.status, 200);
+    assert_eq!(head.header("content-length"), Some("26"));
+    let post = send_raw(&proxy.url, "POST", "/favicon.ico", &[("host", "a")]);
+    assert_eq!(post.status, 405);
+    assert_eq!(up.requests(), 0);
+    let stats = proxy.stats();
+    assert_eq!(stats["total_requests"], 0);
+    assert_eq!(proxy.endpoint_stats(0)["health_status"]["total_requests"], 0);
+}
 
 /// Sums one field over an endpoint's history.
 fn total(history: &Value, field: &str) -> u64 {
