@@ -59,13 +59,19 @@ fn favicon_and_robots_are_answered_by_the_proxy_for_anyone() {
     assert_eq!(up.requests(), 0);
     let stats = proxy.stats();
     assert_eq!(stats["total_requests"], 0);
-    assert_eq!(proxy.endpoint_stats(0)["health_status"]["total_requests"], 0);
+    assert_eq!(
+        proxy.endpoint_stats(0)["health_status"]["total_requests"],
+        0
+    );
 }
 
 /// Sums one field over an endpoint's history.
 fn total(history: &Value, field: &str) -> u64 {
     let minutes = history.as_array().expect("history is an array");
-    minutes.iter().map(|m| m[field].as_u64().expect(field)).sum()
+    minutes
+        .iter()
+        .map(|m| m[field].as_u64().expect(field))
+        .sum()
 }
 
 #[test]
@@ -124,7 +130,10 @@ fn admin_post(proxy: &Proxy, path: &str) -> (u16, Vec<u8>) {
 fn next_probe_at_shows_the_recovery_schedule() {
     let bad_key = mock(Fault::Status(401));
     let healthy = mock(Fault::None);
-    let proxy = Proxy::start(&[&bad_key, &healthy], json!({"recovery_interval": 3600, "recovery_max_interval": 7200}));
+    let proxy = Proxy::start(
+        &[&bad_key, &healthy],
+        json!({"recovery_interval": 3600, "recovery_max_interval": 7200}),
+    );
     assert_eq!(next_probe_at(&proxy), Value::Null);
     let (status, _) = post_message(&proxy.url, &[]);
     assert_eq!(status, 200);
@@ -136,7 +145,10 @@ fn next_probe_at_shows_the_recovery_schedule() {
     // The probe failed: the next one waits twice the interval (two hours).
     let at = next_probe_at(&proxy);
     let in_an_hour = iso8601(SystemTime::now() + Duration::from_secs(3600));
-    assert!(at.as_str().is_some_and(|at| at > in_an_hour.as_str()), "{at}");
+    assert!(
+        at.as_str().is_some_and(|at| at > in_an_hour.as_str()),
+        "{at}"
+    );
     let disable = format!("/__qcc__/endpoints/{}/disable", proxy.id(0));
     assert_eq!(admin_post(&proxy, &disable).0, 200);
     assert_eq!(next_probe_at(&proxy), Value::Null, "disabled: no probes");
@@ -145,4 +157,30 @@ fn next_probe_at_shows_the_recovery_schedule() {
     assert_eq!(next_probe_at(&proxy), at);
     assert_eq!(admin_post(&proxy, "/__qcc__/queue/clear").0, 200);
     assert_eq!(next_probe_at(&proxy), Value::Null, "no longer queued");
+}
+
+#[test]
+fn the_status_page_is_served_with_its_own_icon_and_no_framing() {
+    let up = mock(Fault::None);
+    let proxy = Proxy::start(&[&up], json!({}));
+    for path in ["/__qcc__/", "/__qcc__"] {
+        let page = send_raw(&proxy.url, "GET", path, &[("host", "127.0.0.1")]);
+        assert_eq!(page.status, 200);
+        assert_eq!(
+            page.header("content-type"),
+            Some("text/html; charset=utf-8")
+        );
+        assert_eq!(page.header("x-frame-options"), Some("DENY"));
+        let policy = page.header("content-security-policy").unwrap_or("");
+        assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+        assert!(policy.contains("connect-src 'self'"), "{policy}");
+        let html = page.text();
+        assert!(html.contains("<link rel=\"icon\" href=\"data:image/svg+xml,"));
+        // Every URL the page fetches is absolute: from `/__qcc__` (no slash) a relative
+        // `stats` would be `/stats`, which the proxy forwards upstream.
+        assert!(!html.contains("fetch('stats"), "relative fetch");
+        assert!(!html.contains("src=\"http"), "external asset");
+        assert!(!html.contains("href=\"http"), "external asset");
+    }
+    assert_eq!(up.requests(), 0);
 }

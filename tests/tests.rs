@@ -23,6 +23,7 @@ mod passthrough;
 mod recovery;
 mod soak;
 mod status_page;
+mod status_page_browser;
 mod streaming;
 mod stress;
 mod tls;
