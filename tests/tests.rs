@@ -13,6 +13,7 @@ mod demo;
 mod failover;
 mod forwarding;
 mod hangs;
+mod haproxy;
 mod head_fuzz;
 mod hostile;
 mod import;
