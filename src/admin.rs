@@ -7,7 +7,7 @@
 use crate::config::Config;
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::forward::send_error;
-use crate::http_out::ClientOut;
+use crate::http_out::{ClientOut, Framing};
 use crate::recovery::{self, Report};
 use crate::state::State;
 use crate::time::{iso8601, unix_seconds};
@@ -20,9 +20,25 @@ use ureq::http::Method;
 
 pub const PREFIX: &str = "/__qcc__";
 
+/// What a browser or a crawler asks a web server for by itself. Forwarded, each would
+/// reach an upstream with the endpoint's key and count as a failed request there; the
+/// proxy answers them itself, to anyone, since they say nothing about it.
+const BROWSER_PATHS: [&str; 2] = ["/favicon.ico", "/robots.txt"];
+
+/// The paths the proxy answers itself instead of forwarding: the admin API under
+/// `/__qcc__/` and `BROWSER_PATHS`. None of them counts as a request or touches an
+/// endpoint.
 pub fn is_admin_path(target: &str) -> bool {
-    let path = target.split('?').next().unwrap_or(target);
-    path == PREFIX || path.starts_with("/__qcc__/")
+    let path = path_of(target);
+    path == PREFIX || path.starts_with("/__qcc__/") || is_browser_path(target)
+}
+
+fn is_browser_path(target: &str) -> bool {
+    BROWSER_PATHS.contains(&path_of(target))
+}
+
+fn path_of(target: &str) -> &str {
+    target.split('?').next().unwrap_or(target)
 }
 
 /// Answers an admin request; returns the status sent. `listen` is the address the server
@@ -34,6 +50,9 @@ pub fn serve(
     listen: SocketAddr,
     out: &mut ClientOut,
 ) -> u16 {
+    if is_browser_path(&request.target) {
+        return browser_path(request).send(out);
+    }
     if let Err(denied) = access(&state.current().config, listen, remote, request) {
         let from = remote.map_or("-".to_string(), |r| r.to_string());
         log::info!("admin request from {from} refused (403): {}", denied.0);
@@ -72,20 +91,71 @@ pub fn serve(
     answer.send(out)
 }
 
+/// `GET /favicon.ico`: 204, cached for a day, so a browser neither shows a broken icon
+/// nor asks again on every page (the status page carries its own icon inline).
+/// `GET /robots.txt`: keep crawlers out of a proxy that is on a network.
+fn browser_path(request: &ClientRequest) -> Answer {
+    let method = request.method.as_str();
+    match (method, path_of(&request.target)) {
+        ("GET" | "HEAD", "/favicon.ico") => Answer::NoIcon,
+        ("GET" | "HEAD", _) => Answer::Robots,
+        (_, path) => Answer::Error(
+            405,
+            "invalid_request_error",
+            format!("{path} answers GET and HEAD only"),
+        ),
+    }
+}
+
 /// What an admin route answers; `send` writes it and returns the status.
 enum Answer {
     Json(u16, Value),
     Page(&'static str),
     Metrics(String),
+    NoIcon,
+    Robots,
     Error(u16, &'static str, String),
 }
+
+/// The status page's headers. It runs its own inline script and style and talks to its
+/// own origin only; `frame-ancestors 'none'` (and `x-frame-options` for older browsers)
+/// keeps another site from framing it to steer an operator's click onto its buttons,
+/// which the same-origin rule of `access` could not tell from a real one.
+const PAGE_HEADERS: [(&str, &[u8]); 5] = [
+    ("content-type", b"text/html; charset=utf-8"),
+    (
+        "content-security-policy",
+        b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+          img-src data:; connect-src 'self'; base-uri 'none'; form-action 'none'; \
+          frame-ancestors 'none'",
+    ),
+    ("x-frame-options", b"DENY"),
+    ("cache-control", b"no-store"),
+    ("referrer-policy", b"no-referrer"),
+];
+
+const ROBOTS_TXT: &str = "User-agent: *\nDisallow: /\n";
 
 impl Answer {
     fn send(self, out: &mut ClientOut) -> u16 {
         let (status, content_type, body) = match self {
             Answer::Json(status, v) => (status, "application/json", v.to_string().into_bytes()),
-            Answer::Page(html) => (200, "text/html; charset=utf-8", html.as_bytes().to_vec()),
+            Answer::Page(html) => return send_with(out, 200, &PAGE_HEADERS, html.as_bytes()),
             Answer::Metrics(text) => (200, "text/plain; version=0.0.4", text.into_bytes()),
+            Answer::NoIcon => {
+                let headers = [("cache-control", &b"max-age=86400"[..])];
+                if let Ok(sink) = out.start(204, &headers, Framing::NoBody) {
+                    let _client_may_be_gone = sink.finish();
+                }
+                return 204;
+            }
+            Answer::Robots => {
+                let headers = [
+                    ("content-type", &b"text/plain; charset=utf-8"[..]),
+                    ("cache-control", b"max-age=86400"),
+                ];
+                return send_with(out, 200, &headers, ROBOTS_TXT.as_bytes());
+            }
             Answer::Error(status, kind, message) => {
                 send_error(out, status, kind, &message);
                 return status;
@@ -94,6 +164,17 @@ impl Answer {
         let _client_may_be_gone = out.send(status, content_type, &body);
         status
     }
+}
+
+/// A complete answer with these headers (the framing is added); returns the status.
+fn send_with(out: &mut ClientOut, status: u16, headers: &[(&str, &[u8])], body: &[u8]) -> u16 {
+    let length = Framing::Length(body.len() as u64);
+    if let Ok(mut sink) = out.start(status, headers, length)
+        && sink.write_piece(body).is_ok()
+    {
+        let _client_may_be_gone = sink.finish();
+    }
+    status
 }
 
 /// `POST /__qcc__/endpoints/{id}/enable` or `/disable`.
@@ -239,14 +320,15 @@ const CROSS_SITE: Denied = Denied(
 /// browser treats the proxy as that page's origin, but sends that name as `Host`), or by
 /// a cross-origin request (which carries the page's `Origin`). So the `Host` must name
 /// this machine's loopback or the listen address, an `Origin` must be the proxy's own,
-/// and a call that changes state must not be cross-site.
+/// and a call that changes state must not be cross-site. `/favicon.ico` and `/robots.txt`
+/// are for anyone: their answers are fixed and say nothing about the proxy.
 pub fn access(
     config: &Config,
     listen: SocketAddr,
     remote: Option<SocketAddr>,
     request: &ClientRequest,
 ) -> Result<(), Denied> {
-    if presents_admin_token(config, request) {
+    if is_browser_path(&request.target) || presents_admin_token(config, request) {
         return Ok(());
     }
     if !remote.is_some_and(|r| r.ip().to_canonical().is_loopback()) {
@@ -417,6 +499,8 @@ pub fn stats(state: &State) -> Value {
     let generation = state.current();
     let now = Instant::now();
     let (queued, queue_stats) = state.queue.snapshot();
+    let ids: Vec<EndpointId> = generation.endpoints.iter().map(|e| e.id()).collect();
+    state.history.retain(&ids);
     let endpoints: Vec<Value> = generation
         .endpoints
         .iter()
@@ -461,6 +545,7 @@ fn endpoint_stats(state: &State, e: &Endpoint, now: Instant) -> Value {
         .cooldown_until
         .filter(|&until| until > now)
         .map(|until| iso8601(wall + (until - now)));
+    let next_probe_at = next_probe_at(state, e).map(|at| iso8601(wall_time(at, now, wall)));
     json!({
         "id": e.id().to_string(),
         "name": e.name(),
@@ -482,7 +567,52 @@ fn endpoint_stats(state: &State, e: &Endpoint, now: Instant) -> Value {
         "is_healthy": state.is_eligible(e, now),
         "in_flight": e.in_flight(),
         "cooldown_until": cooldown_until,
+        "next_probe_at": next_probe_at,
+        "history": history(state, e.id(), wall),
     })
+}
+
+/// When a queued, enabled endpoint may next be probed, as the recovery schedule has it.
+/// `None` for an endpoint that is not queued, is disabled (it gets no probes), or was
+/// queued since the last round (the next round probes it). A time in the past means
+/// it is due: the recovery thread probes it on its next tick.
+fn next_probe_at(state: &State, e: &Endpoint) -> Option<Instant> {
+    if !e.is_enabled() || !state.queue.contains(e.id()) {
+        return None;
+    }
+    state.schedule.next_probe_at(e.id())
+}
+
+/// The wall-clock time of `at`, given that `now` is `wall`.
+fn wall_time(at: Instant, now: Instant, wall: SystemTime) -> SystemTime {
+    if at >= now {
+        wall + (at - now)
+    } else {
+        wall - (now - at)
+    }
+}
+
+/// The last 60 minutes of an endpoint's attempts, oldest first (see `history.rs`).
+fn history(state: &State, id: EndpointId, wall: SystemTime) -> Value {
+    let samples = state.history.samples(id, wall);
+    let minutes: Vec<Value> = samples
+        .iter()
+        .map(|s| {
+            json!({
+                "start": s.start,
+                "requests": s.requests,
+                "errors": s.errors,
+                "p50_ms": s.p50_ms.map(round_ms),
+                "p95_ms": s.p95_ms.map(round_ms),
+            })
+        })
+        .collect();
+    Value::Array(minutes)
+}
+
+/// Milliseconds to a tenth: the estimate is no finer than its buckets.
+fn round_ms(ms: f64) -> f64 {
+    (ms * 10.0).round() / 10.0
 }
 
 /// The status page: self-contained HTML that polls `/__qcc__/stats`.
@@ -713,5 +843,20 @@ mod tests {
         assert!(is_admin_path("/__qcc__"));
         assert!(!is_admin_path("/__qcc__x"));
         assert!(!is_admin_path("/v1/messages"));
+        assert!(is_admin_path("/favicon.ico"));
+        assert!(is_admin_path("/robots.txt?x"));
+        assert!(!is_admin_path("/favicon.ico/x"));
+        assert!(!is_admin_path("/v1/robots.txt"));
+    }
+
+    #[test]
+    fn browser_paths_are_for_anyone() {
+        let listen = "127.0.0.1:7860".parse().unwrap();
+        let remote = Some("192.0.2.7:5000".parse().unwrap());
+        for target in ["/favicon.ico", "/robots.txt"] {
+            let mut hostile = request(Method::GET, &[("host", b"evil.example")]);
+            hostile.target = target.into();
+            assert_eq!(access(&config(None), listen, remote, &hostile), Ok(()));
+        }
     }
 }

@@ -17,6 +17,7 @@ pub mod endpoint;
 pub mod failure_queue;
 pub mod forward;
 pub mod health;
+pub mod history;
 pub mod http_out;
 pub mod idle;
 pub mod import_qcc;

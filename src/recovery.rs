@@ -85,6 +85,12 @@ impl Schedule {
         entry.wait
     }
 
+    /// When `id` may next be probed, for the stats (read only). `None` until a round first
+    /// claims it: a newly queued endpoint is probed by the next round.
+    pub fn next_probe_at(&self, id: EndpointId) -> Option<Instant> {
+        self.entries.lock().get(&id).map(|e| e.next_at)
+    }
+
     pub fn forget(&self, id: EndpointId) {
         self.entries.lock().remove(&id);
     }

@@ -12,6 +12,7 @@ use crate::config::{Config, Overrides};
 use crate::endpoint::{Endpoint, EndpointId};
 use crate::failure_queue::FailureQueue;
 use crate::health::{Outcome, Verdict};
+use crate::history::History;
 use crate::metrics::Histogram;
 use crate::recovery::Schedule;
 use crate::select::{Candidate, Selector};
@@ -64,6 +65,8 @@ pub struct State {
     /// Probes run here, never on rayon's global pool: they block on the network.
     pub probe_pool: rayon::ThreadPool,
     pub counters: Counters,
+    /// Each endpoint's attempts per minute over the last hour (the status page's charts).
+    pub history: History,
     pub source: OnceLock<Source>,
     pub start_time: SystemTime,
     pub started: Instant,
@@ -86,6 +89,7 @@ impl State {
             schedule: Schedule::default(),
             probe_pool,
             counters: Counters::default(),
+            history: History::default(),
             source: OnceLock::new(),
             start_time: SystemTime::now(),
             started: Instant::now(),
@@ -127,9 +131,13 @@ impl State {
     }
 
     /// Records one attempt's outcome on an endpoint and quarantines it if the outcome
-    /// says so (`record_attempt`).
+    /// says so (`record_attempt`), then counts it in the endpoint's per-minute history
+    /// (its own lock, taken after the others are released).
     pub fn record(&self, endpoint: &Endpoint, outcome: &Outcome, elapsed: Duration) {
         record_attempt(&self.queue, endpoint, outcome, elapsed);
+        let failed = !matches!(outcome, Outcome::Success);
+        self.history
+            .record(endpoint.id(), failed, elapsed, SystemTime::now());
     }
 
     /// Eligible for normal traffic: enabled, not queued, not cooling down (`is_eligible`).
