@@ -604,6 +604,7 @@ fn serve_one(shared: &Shared, conn: &mut Conn) -> io::Result<Next> {
                 name: shared.name.lock().clone(),
                 close: true,
                 head_only: false,
+                seen: 0,
             };
             return write_reply(conn, &error_reply(status, message), &exchange);
         }
@@ -612,6 +613,8 @@ fn serve_one(shared: &Shared, conn: &mut Conn) -> io::Result<Next> {
         name: shared.name.lock().clone(),
         close: request.wants_close(),
         head_only: request.method == "HEAD",
+        // Taken before the fault is: a change between the two is seen as a change.
+        seen: shared.generation(),
     };
     let (outcome, action) = plan(shared, &request);
     shared.record(request);
@@ -1356,6 +1359,9 @@ struct Exchange {
     name: String,
     close: bool,
     head_only: bool,
+    /// The fault generation this request was planned under: a wait (hang, gate) ends on
+    /// a change after it, even one made before the wait began.
+    seen: u64,
 }
 
 impl Exchange {
@@ -1381,7 +1387,7 @@ fn execute(
         Action::Stream(stream) => write_stream(shared, conn, &stream, exchange),
         Action::Reset => Ok(Next::Close),
         Action::Hang => {
-            hang(shared, &conn.writer);
+            hang(shared, &conn.writer, exchange.seen);
             Ok(Next::Close)
         }
     }
@@ -1488,7 +1494,7 @@ fn write_stream(
     ];
     conn.writer.write_all(&head(200, &fields, exchange))?;
     let mut gated = stream.gated;
-    let mut seen = shared.generation();
+    let mut seen = exchange.seen;
     let opening = stream
         .events
         .iter()
@@ -1559,8 +1565,7 @@ fn wait_gate(shared: &Shared, stream: &TcpStream, seen: &mut u64) -> Wake {
 
 /// Holds the request until shutdown, a fault change away from `Hang`, or the client
 /// going away; the caller then closes without answering.
-fn hang(shared: &Shared, stream: &TcpStream) {
-    let mut seen = shared.generation();
+fn hang(shared: &Shared, stream: &TcpStream, mut seen: u64) {
     loop {
         match shared.hang_tick(&mut seen) {
             Wake::Tick if client_gone(stream) => return,
