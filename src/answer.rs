@@ -7,10 +7,13 @@
 //! filtered here too: hop-by-hop and framing headers never pass; everything else does.
 
 use crate::http_out::{ClientOut, Framing};
-use crate::stream::PIECE;
 use crate::upstream::{ClientRequest, HOP_BY_HOP};
 use std::io::Read;
 use ureq::http::{self, HeaderMap};
+
+/// At most this much is read from an upstream body at a time; whatever a read returns is
+/// written and flushed at once (stream.rs) or kept (here).
+pub(crate) const PIECE: usize = 8 * 1024;
 
 /// Non-streaming bodies up to this size are read whole before the commit point, so a
 /// failure while reading them can still fail over.

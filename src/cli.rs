@@ -6,7 +6,6 @@ use crate::server::{DRAIN_GRACE, Server};
 use crate::state::{Source, State};
 use clap::{Parser, Subcommand};
 use log::{LevelFilter, info, warn};
-use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -84,34 +83,7 @@ enum Command {
     ImportQcc(crate::import_qcc::Args),
 }
 
-/// A failed command; `exit_code` maps its kind to the contract's exit codes.
-#[derive(Debug)]
-pub enum CliError {
-    Config(ConfigError),
-    /// A command-line value clap cannot check by itself.
-    Usage(String),
-    /// Anything else that stops start-up (port taken, thread limit, log file).
-    Startup(String),
-}
-
-impl CliError {
-    pub fn exit_code(&self) -> i32 {
-        match self {
-            CliError::Config(_) | CliError::Usage(_) => 2,
-            CliError::Startup(_) => 1,
-        }
-    }
-}
-
-impl fmt::Display for CliError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            CliError::Config(e) => write!(f, "{e}"),
-            CliError::Usage(e) => write!(f, "{e}"),
-            CliError::Startup(e) => write!(f, "{e}"),
-        }
-    }
-}
+pub use crate::cli_error::CliError;
 
 pub fn run() -> Result<(), CliError> {
     match Cli::parse().command {

@@ -6,7 +6,7 @@
 //! environment, every endpoint with its id. Errors name the file and the field (or the
 //! line and column, for JSON syntax) and say what is wrong.
 
-use crate::endpoint::EndpointId;
+use crate::endpoint_id::EndpointId;
 use crate::secret::Secret;
 use serde::Deserialize;
 use std::fmt;

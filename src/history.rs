@@ -16,7 +16,7 @@
 //! counter increments, or for copying 60 slots out.
 
 use crate::endpoint::EndpointId;
-use crate::metrics::BUCKETS;
+use crate::histogram::BUCKETS;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -3,15 +3,11 @@
 //! mid-body is reported in-band (an SSE `error` event) or by a broken framing, and a
 //! client that hangs up stops the upstream read at once.
 
-use crate::answer::{Buffered, Prepared, body_error};
+use crate::answer::{Buffered, PIECE, Prepared, body_error};
 use crate::http_out::{BodySink, ClientOut, Framing, error_body};
 use crate::idle;
 use std::io::Read;
 use std::time::{Duration, Instant};
-
-/// At most this much is read from an upstream body at a time; whatever a read returns is
-/// written and flushed at once.
-pub(crate) const PIECE: usize = 8 * 1024;
 
 /// Writes the head and the body to the client; returns the upstream's failure if it broke
 /// off after the commit point (an endpoint failure). A client that hangs up ends the
