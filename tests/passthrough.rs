@@ -5,7 +5,7 @@
 //! second upstream byte-identical after a failover, and `HEAD /` and `?beta=true` pass.
 
 use crate::support::raw::{self, RawClient};
-use crate::support::tls::{LoopbackServer, read_head};
+use crate::support::tls::{LoopbackServer, read_request};
 use crate::support::*;
 use failover_proxy::mock::{Fault, MockUpstream};
 use flate2::Compression;
@@ -62,20 +62,6 @@ impl FixedUpstream {
 fn proxy_before(upstream: &FixedUpstream) -> Proxy {
     let endpoints = [endpoint_json(0, &upstream.url(), json!({}))];
     Proxy::start(&[], json!({"endpoints": endpoints}))
-}
-
-/// A request head and its `content-length` body (read and dropped); `None` at the end.
-fn read_request(socket: &mut TcpStream) -> Option<String> {
-    let head = read_head(socket).ok()?;
-    let length = head
-        .lines()
-        .filter_map(|line| line.split_once(':'))
-        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
-        .and_then(|(_, value)| value.trim().parse::<u64>().ok())
-        .unwrap_or(0);
-    let mut body = socket.take(length);
-    std::io::copy(&mut body, &mut std::io::sink()).ok()?;
-    Some(head)
 }
 
 /// Writes the pieces, each after the first waiting for a permit; false when it broke off.

@@ -404,6 +404,20 @@ pub fn read_head(stream: &mut TcpStream) -> io::Result<String> {
     Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
+/// A request head and its `content-length` body (read and dropped); `None` at the end.
+pub fn read_request(socket: &mut TcpStream) -> Option<String> {
+    let head = read_head(socket).ok()?;
+    let length = head
+        .lines()
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, value)| value.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    let mut body = socket.take(length);
+    std::io::copy(&mut body, &mut std::io::sink()).ok()?;
+    Some(head)
+}
+
 /// A SOCKS5 proxy (no authentication, CONNECT only) that counts its tunnels.
 pub struct Socks5Proxy {
     server: LoopbackServer,

@@ -48,7 +48,7 @@ pub struct ClientConnection {
 }
 
 /// Why no request came out of a head.
-#[derive(Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub(crate) enum HeadError {
     /// The client went away, or a kept-alive connection stayed idle too long: close
     /// without an answer.
@@ -570,7 +570,7 @@ mod test {
         ] {
             assert_eq!(
                 parse_request_line(line).err(),
-                Some(bad_clone(&bad)),
+                Some(bad.clone()),
                 "{:?}",
                 line
             );
@@ -582,13 +582,6 @@ mod test {
                 "only HTTP/1.0 and HTTP/1.1 are supported"
             ))
         );
-    }
-
-    fn bad_clone(e: &HeadError) -> HeadError {
-        match e {
-            HeadError::Closed => HeadError::Closed,
-            HeadError::Refused(s, m) => HeadError::Refused(*s, m),
-        }
     }
 
     #[test]
