@@ -31,6 +31,7 @@ pub mod mock;
 #[cfg(all(test, loom))]
 mod models;
 pub mod probe;
+pub mod quota;
 pub mod recovery;
 pub mod rewrite;
 pub mod schedule;
@@ -42,3 +43,4 @@ pub mod stream;
 pub mod sync;
 pub mod time;
 pub mod upstream;
+pub mod usage;
