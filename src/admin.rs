@@ -5,11 +5,11 @@
 //! named by name and id only.
 
 use crate::config::Config;
-use crate::endpoint::{Endpoint, EndpointId};
 use crate::forward::send_error;
 use crate::http_out::{ClientOut, Framing};
-use crate::recovery::{self, Report};
-use crate::state::State;
+use crate::state::endpoint::{Endpoint, EndpointId};
+use crate::state::recovery::{self, Report};
+use crate::state::shared::State;
 use crate::time::{iso8601, unix_seconds};
 use crate::upstream::ClientRequest;
 use serde_json::{Value, json};
@@ -592,7 +592,7 @@ fn wall_time(at: Instant, now: Instant, wall: SystemTime) -> SystemTime {
     }
 }
 
-/// The last 60 minutes of an endpoint's attempts, oldest first (see `history.rs`).
+/// The last 60 minutes of an endpoint's attempts, oldest first (see `state/history.rs`).
 fn history(state: &State, id: EndpointId, wall: SystemTime) -> Value {
     let samples = state.history.samples(id, wall);
     let minutes: Vec<Value> = samples

@@ -3,7 +3,7 @@
 
 use crate::config::{Config, ConfigError, Overrides};
 use crate::server::{DRAIN_GRACE, Server};
-use crate::state::{Source, State};
+use crate::state::shared::{Source, State};
 use clap::{Parser, Subcommand};
 use log::{LevelFilter, info, warn};
 use std::path::{Path, PathBuf};

@@ -12,7 +12,7 @@
 use crate::config::{Config, Overrides};
 use crate::mock::{Fault, MockUpstream};
 use crate::server::Server;
-use crate::state::State;
+use crate::state::shared::State;
 use parking_lot::Mutex;
 use serde_json::json;
 use std::io::{IsTerminal, Write};

@@ -8,12 +8,12 @@
 //! until its first event has been seen.
 
 use crate::answer::{self, Buffered, Prepared};
-use crate::endpoint::{Endpoint, EndpointId, InFlight};
-use crate::health::Outcome;
 use crate::http_out::{ClientOut, error_body};
 use crate::idle;
 use crate::rewrite::{estimate_tokens, is_count_tokens};
-use crate::state::{Generation, State};
+use crate::state::endpoint::{Endpoint, EndpointId, InFlight};
+use crate::state::health::Outcome;
+use crate::state::shared::{Generation, State};
 use crate::stream::{commit, deliver_buffered};
 use crate::upstream::{self, Class, ClientRequest};
 use serde_json::json;
@@ -217,7 +217,7 @@ fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out
 /// A request's session and the endpoint it is bound to, if that endpoint is eligible;
 /// a binding to an endpoint that is not is dropped (a new one is made on success).
 struct Session {
-    key: crate::affinity::SessionKey,
+    key: crate::state::affinity::SessionKey,
     bound: Option<usize>,
 }
 
@@ -226,7 +226,7 @@ fn session(state: &State, generation: &Generation, request: &ClientRequest) -> O
     if ttl.is_zero() {
         return None;
     }
-    let key = crate::affinity::session_key(request)?;
+    let key = crate::state::affinity::session_key(request)?;
     let now = Instant::now();
     let id = state.affinity.lookup(key, ttl, now);
     let bound = id.and_then(|id| {

@@ -10,7 +10,7 @@
 
 use crate::cli_error::CliError;
 use crate::config::{Config, ConfigError, Overrides};
-use crate::endpoint::EndpointId;
+use crate::state::endpoint::EndpointId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::Write;

@@ -7,20 +7,14 @@
 //! failure-queue mutex that admits each endpoint once. See ARCHITECTURE.md for the map.
 
 pub mod admin;
-pub mod affinity;
 pub mod agent;
 pub mod answer;
 pub mod cli;
 pub mod cli_error;
 pub mod config;
 pub mod demo;
-pub mod endpoint;
 pub mod endpoint_id;
-pub mod failure_queue;
 pub mod forward;
-pub mod health;
-pub mod histogram;
-pub mod history;
 pub mod http_out;
 pub mod idle;
 pub mod import_qcc;
@@ -28,17 +22,11 @@ pub mod logfile;
 pub mod logging;
 pub mod metrics;
 pub mod mock;
-#[cfg(all(test, loom))]
-mod models;
 pub mod probe;
-pub mod recovery;
 pub mod rewrite;
-pub mod schedule;
 pub mod secret;
-pub mod select;
 pub mod server;
 pub mod state;
 pub mod stream;
-pub mod sync;
 pub mod time;
 pub mod upstream;

@@ -3,10 +3,10 @@
 //!
 //! Built from the same snapshots as the stats, so the two agree exactly after a run.
 
-use crate::endpoint::Endpoint;
-use crate::health::HealthStatus;
-use crate::histogram::{BUCKETS, Histogram};
-use crate::state::State;
+use crate::state::endpoint::Endpoint;
+use crate::state::health::HealthStatus;
+use crate::state::histogram::{BUCKETS, Histogram};
+use crate::state::shared::State;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;

@@ -9,7 +9,7 @@
 //! `auth:` (401: the key; 403: what the key may do), or `probe:` (the endpoint answered, but not as it should).
 
 use crate::config::{Probe, ProbeKind};
-use crate::endpoint::Endpoint;
+use crate::state::endpoint::Endpoint;
 use crate::time::random_u64;
 use std::time::Duration;
 

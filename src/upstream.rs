@@ -2,7 +2,7 @@
 //! endpoint's key), one attempt, and the classification of what came back. The agents
 //! that make the connections are `agent`'s.
 
-use crate::endpoint::Endpoint;
+use crate::state::endpoint::Endpoint;
 use std::time::{Duration, Instant, SystemTime};
 use ureq::http::{self, HeaderMap, HeaderName, HeaderValue};
 

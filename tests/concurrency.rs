@@ -4,10 +4,10 @@
 
 use crate::support::*;
 use failover_proxy::config::{Config, EndpointConfig, Overrides};
-use failover_proxy::endpoint::Endpoint;
-use failover_proxy::health::Outcome;
 use failover_proxy::mock::{Fault, MockUpstream};
-use failover_proxy::state::State;
+use failover_proxy::state::endpoint::Endpoint;
+use failover_proxy::state::health::Outcome;
+use failover_proxy::state::shared::State;
 use serde_json::{Value, json};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};

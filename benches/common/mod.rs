@@ -3,7 +3,7 @@
 use failover_proxy::config::{Config, Overrides};
 use failover_proxy::mock::MockUpstream;
 use failover_proxy::server::Server;
-use failover_proxy::state::State;
+use failover_proxy::state::shared::State;
 use std::sync::Arc;
 
 /// A proxy with `workers` threads kept ready in front of `mock`, logging nothing; and its

@@ -5,9 +5,9 @@
 //! The steps the models interleave are the production functions themselves, called as the
 //! proxy calls them:
 //!
-//! - an attempt is `state::record_attempt`, what `State::record` runs: the health update
+//! - an attempt is `shared::record_attempt`, what `State::record` runs: the health update
 //!   in one scope of the endpoint's lock, then the queue add;
-//! - a request's check before it uses the endpoint is `state::is_eligible`, what
+//! - a request's check before it uses the endpoint is `shared::is_eligible`, what
 //!   `State::is_eligible` runs;
 //! - a probe round is `recovery::claim`, then `recovery::apply` for each endpoint it
 //!   claimed, which is `recovery::round` without its middle step: the probe's network
@@ -28,13 +28,13 @@
 //! ```
 
 use crate::config::EndpointConfig;
-use crate::endpoint::{Endpoint, EndpointId};
-use crate::failure_queue::{FailureQueue, QueueStats};
-use crate::health::{Outcome, Status};
 use crate::probe::ProbeResult;
-use crate::recovery;
-use crate::schedule::Schedule;
-use crate::state;
+use crate::state::endpoint::{Endpoint, EndpointId};
+use crate::state::failure_queue::{FailureQueue, QueueStats};
+use crate::state::health::{Outcome, Status};
+use crate::state::recovery;
+use crate::state::schedule::Schedule;
+use crate::state::shared;
 use loom::thread;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -106,13 +106,13 @@ impl World {
     /// One attempt, as `State::record` records it. True when this call put the endpoint in
     /// the queue, which is when the proxy logs "entered the failure queue".
     fn attempt(&self, outcome: &Outcome) -> bool {
-        state::record_attempt(&self.queue, self.endpoint(), outcome, ELAPSED)
+        shared::record_attempt(&self.queue, self.endpoint(), outcome, ELAPSED)
     }
 
     /// A request that found the endpoint eligible, as selection asks, then failed on it.
     /// None when it was not eligible.
     fn attempt_if_eligible(&self, outcome: &Outcome) -> Option<bool> {
-        let eligible = state::is_eligible(&self.queue, self.endpoint(), Instant::now());
+        let eligible = shared::is_eligible(&self.queue, self.endpoint(), Instant::now());
         eligible.then(|| self.attempt(outcome))
     }
 

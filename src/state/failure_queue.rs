@@ -5,8 +5,8 @@
 //! for 2 endpoints). The queue knows ids only; logging and health resets are the caller's,
 //! done after the lock is released.
 
-use crate::endpoint::EndpointId;
-use crate::sync::Mutex;
+use crate::state::endpoint::EndpointId;
+use crate::state::sync::Mutex;
 use std::collections::HashSet;
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

@@ -7,11 +7,11 @@
 //! that endpoint's wait before its next probe, up to `recovery_max_interval`, so a dead
 //! endpoint costs few probe tokens; a recovery resets it.
 
-use crate::endpoint::{Endpoint, EndpointId};
-use crate::failure_queue::FailureQueue;
 use crate::probe::{self, ProbeResult};
-use crate::schedule::Schedule;
-use crate::state::State;
+use crate::state::endpoint::{Endpoint, EndpointId};
+use crate::state::failure_queue::FailureQueue;
+use crate::state::schedule::Schedule;
+use crate::state::shared::State;
 use crossbeam_channel::{Receiver, Sender, select, tick};
 use log::{info, warn};
 use rayon::prelude::*;
@@ -32,7 +32,7 @@ pub struct Report {
 ///
 /// Three steps, and only the middle one touches the network: `claim` (locks, no I/O),
 /// the probes (no lock), `apply` per result (locks, no I/O). The loom models
-/// (`src/models.rs`) call `claim` and `apply` themselves, with a made-up result in place
+/// (`src/state/models.rs`) call `claim` and `apply` themselves, with a made-up result in place
 /// of the probe, so what they check is this code.
 pub fn round(state: &State, force: bool) -> Vec<Report> {
     let generation = state.current();

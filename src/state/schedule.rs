@@ -3,7 +3,7 @@
 //! under one lock; the recovery round (recovery.rs) drives it.
 
 use crate::endpoint_id::EndpointId;
-use crate::sync::Mutex;
+use crate::state::sync::Mutex;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

@@ -15,8 +15,8 @@
 //! mutex is taken, so two locks are never held at once. Each ring lock is held for a few
 //! counter increments, or for copying 60 slots out.
 
-use crate::endpoint::EndpointId;
-use crate::histogram::BUCKETS;
+use crate::state::endpoint::EndpointId;
+use crate::state::histogram::BUCKETS;
 use parking_lot::{Mutex, RwLock};
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -6,16 +6,16 @@
 //! (after it is released) the queue lock. The current generation (config + endpoints) sits
 //! behind an `RwLock<Arc<_>>` that a request reads once, so a reload never blocks traffic.
 
-use crate::affinity::Affinity;
 use crate::agent;
 use crate::config::{Config, Overrides};
-use crate::endpoint::{Endpoint, EndpointId};
-use crate::failure_queue::FailureQueue;
-use crate::health::{Outcome, Verdict};
-use crate::histogram::Histogram;
-use crate::history::History;
-use crate::schedule::Schedule;
-use crate::select::{Candidate, Selector};
+use crate::state::affinity::Affinity;
+use crate::state::endpoint::{Endpoint, EndpointId};
+use crate::state::failure_queue::FailureQueue;
+use crate::state::health::{Outcome, Verdict};
+use crate::state::histogram::Histogram;
+use crate::state::history::History;
+use crate::state::schedule::Schedule;
+use crate::state::select::{Candidate, Selector};
 use log::{debug, info, warn};
 use parking_lot::RwLock;
 use std::path::PathBuf;
@@ -178,7 +178,7 @@ impl State {
 /// threads report the endpoint at once.
 ///
 /// A function of the two parts it touches rather than a method of `State`, so that the
-/// loom models (`src/models.rs`) run this very code without building a `State` (its
+/// loom models (`src/state/models.rs`) run this very code without building a `State` (its
 /// probe pool and agents) in each of their thousands of executions.
 pub fn record_attempt(
     queue: &FailureQueue,

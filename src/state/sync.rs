@@ -3,13 +3,14 @@
 //! interleaving of the locks that keep health counts, queue entries and probe claims exact.
 //!
 //! Why a shim: loom can only schedule what it can see, and it sees only its own
-//! primitives. Three locks take `crate::sync::Mutex`: an endpoint's health
-//! (`src/endpoint.rs`), the failure queue (`src/failure_queue.rs`) and the probe schedule
-//! (`Schedule` in `src/recovery.rs`). The rest of the crate keeps `parking_lot` (nothing
-//! else is modelled). loom's `lock` returns a `LockResult` like std's; the wrapper returns
-//! the guard directly, as `parking_lot` does, so the call sites are the same in both builds.
+//! primitives. Three locks take `crate::state::sync::Mutex`: an endpoint's health
+//! (`src/state/endpoint.rs`), the failure queue (`src/state/failure_queue.rs`) and the
+//! probe schedule (`src/state/schedule.rs`). The rest of the crate keeps `parking_lot`
+//! (nothing else is modelled). loom's `lock` returns a `LockResult` like std's; the wrapper
+//! returns the guard directly, as `parking_lot` does, so the call sites are the same in both
+//! builds.
 //!
-//! The models themselves are in `src/models.rs`.
+//! The models themselves are in `src/state/models.rs`.
 
 #[cfg(not(loom))]
 pub use parking_lot::Mutex;

@@ -6,8 +6,8 @@
 //! be held across network I/O by accident.
 
 use crate::config::EndpointConfig;
-use crate::health::{HealthStatus, Outcome, Verdict};
-use crate::sync::Mutex;
+use crate::state::health::{HealthStatus, Outcome, Verdict};
+use crate::state::sync::Mutex;
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};

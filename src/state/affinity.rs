@@ -7,7 +7,7 @@
 //! a fixed-size hash of each key, never the client's text, so a client's 60 KB session id
 //! costs it 16 bytes.
 
-use crate::endpoint::EndpointId;
+use crate::state::endpoint::EndpointId;
 use crate::upstream::ClientRequest;
 use parking_lot::Mutex;
 use serde::Deserialize;
