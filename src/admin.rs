@@ -11,7 +11,7 @@ use crate::state::endpoint::{Endpoint, EndpointId};
 use crate::state::recovery::{self, Report};
 use crate::state::shared::State;
 use crate::time::{iso8601, unix_seconds};
-use crate::upstream::ClientRequest;
+use crate::upstream::call::ClientRequest;
 use serde_json::{Value, json};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;

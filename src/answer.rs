@@ -7,7 +7,7 @@
 //! filtered here too: hop-by-hop and framing headers never pass; everything else does.
 
 use crate::http_out::{ClientOut, Framing};
-use crate::upstream::{ClientRequest, HOP_BY_HOP};
+use crate::upstream::call::{ClientRequest, HOP_BY_HOP};
 use std::io::Read;
 use ureq::http::{self, HeaderMap};
 

@@ -208,7 +208,7 @@ fn probe_all(state: &State) {
         generation
             .endpoints
             .par_iter()
-            .map(|e| crate::probe::run(e, probe))
+            .map(|e| crate::upstream::probe::run(e, probe))
             .collect()
     });
     for (e, r) in generation.endpoints.iter().zip(results) {

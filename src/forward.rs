@@ -9,13 +9,13 @@
 
 use crate::answer::{self, Buffered, Prepared};
 use crate::http_out::{ClientOut, error_body};
-use crate::idle;
 use crate::rewrite::{estimate_tokens, is_count_tokens};
 use crate::state::endpoint::{Endpoint, EndpointId, InFlight};
 use crate::state::health::Outcome;
 use crate::state::shared::{Generation, State};
 use crate::stream::{commit, deliver_buffered};
-use crate::upstream::{self, Class, ClientRequest};
+use crate::upstream::call::{self, Class, ClientRequest};
+use crate::upstream::idle;
 use serde_json::json;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
@@ -359,11 +359,11 @@ fn attempt<'a>(
     };
     let started = Instant::now();
     idle::set_deadline(Some(deadline(endpoint, stream, started)));
-    let response = match upstream::send(endpoint, request) {
+    let response = match call::send(endpoint, request) {
         Ok(response) => response,
         Err(_) if idle::client_went_away() => return Attempt::ClientGone,
         Err(e) => {
-            let reason = upstream::describe_error(&e);
+            let reason = call::describe_error(&e);
             state.record(endpoint, &Outcome::Failure(reason), started.elapsed());
             return Attempt::Failed(None);
         }
@@ -376,7 +376,7 @@ fn attempt<'a>(
         state.record(endpoint, &outcome, elapsed);
         Attempt::Failed(Some(answer))
     };
-    match upstream::classify(status) {
+    match call::classify(status) {
         Class::ClientError if status == 404 && is_count_tokens(request) => {
             let _drained_for_reuse = answer::buffer_error(status, &parts.headers, reader);
             Attempt::NoCountTokens
@@ -406,7 +406,7 @@ fn attempt<'a>(
         }
         Class::RateLimited => {
             let default = config.rate_limit_cooldown;
-            let until = upstream::cooldown_until(&parts.headers, default, Instant::now());
+            let until = call::cooldown_until(&parts.headers, default, Instant::now());
             let answer = answer::buffer_error(status, &parts.headers, reader);
             let reason = format!("HTTP 429{}: rate limited", answer::error_kind(&answer));
             failed(state, Outcome::RateLimited { until, reason }, answer)

@@ -7,7 +7,6 @@
 //! failure-queue mutex that admits each endpoint once. See ARCHITECTURE.md for the map.
 
 pub mod admin;
-pub mod agent;
 pub mod answer;
 pub mod cli;
 pub mod cli_error;
@@ -16,13 +15,11 @@ pub mod demo;
 pub mod endpoint_id;
 pub mod forward;
 pub mod http_out;
-pub mod idle;
 pub mod import_qcc;
 pub mod logfile;
 pub mod logging;
 pub mod metrics;
 pub mod mock;
-pub mod probe;
 pub mod rewrite;
 pub mod secret;
 pub mod server;

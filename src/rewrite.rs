@@ -1,7 +1,7 @@
 //! What the proxy reads in or changes of a request body: `model_override` (rule: the body
 //! re-serialised, its length recomputed) and the local `count_tokens` estimate (rule 10).
 
-use crate::upstream::ClientRequest;
+use crate::upstream::call::ClientRequest;
 use ureq::http;
 
 pub(crate) fn is_count_tokens(request: &ClientRequest) -> bool {

@@ -5,7 +5,7 @@
 
 use crate::answer::{Buffered, PIECE, Prepared, body_error};
 use crate::http_out::{BodySink, ClientOut, Framing, error_body};
-use crate::idle;
+use crate::upstream::idle;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
@@ -72,7 +72,7 @@ fn pump(
             }
             Ok(0) => return Pump::Done,
             Ok(n) => n,
-            // The wait was cut because the client went away (idle.rs): nobody's failure.
+            // The wait was cut because the client went away (upstream/idle.rs): nobody's failure.
             Err(_) if idle::client_went_away() => return Pump::ClientGone,
             Err(e) => return Pump::UpstreamBroke(body_error(&e)),
         };

@@ -128,7 +128,7 @@ fn auth_chooses_the_key_headers_of_forwarded_requests_and_probes() {
             )
             .expect("config")
             .probe;
-            let result = failover_proxy::probe::run(endpoint, &probe);
+            let result = failover_proxy::upstream::probe::run(endpoint, &probe);
             assert!(result.recovered, "{settings} {kind}: {result:?}");
         }
         let recorded = up.recorded();

@@ -4,7 +4,7 @@ use crate::support::*;
 use failover_proxy::admin;
 use failover_proxy::http_out::ClientOut;
 use failover_proxy::mock::{Fault, MockUpstream};
-use failover_proxy::upstream::ClientRequest;
+use failover_proxy::upstream::call::ClientRequest;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use std::collections::HashMap;

@@ -8,7 +8,7 @@
 //! costs it 16 bytes.
 
 use crate::state::endpoint::EndpointId;
-use crate::upstream::ClientRequest;
+use crate::upstream::call::ClientRequest;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};

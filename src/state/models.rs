@@ -28,13 +28,13 @@
 //! ```
 
 use crate::config::EndpointConfig;
-use crate::probe::ProbeResult;
 use crate::state::endpoint::{Endpoint, EndpointId};
 use crate::state::failure_queue::{FailureQueue, QueueStats};
 use crate::state::health::{Outcome, Status};
 use crate::state::recovery;
 use crate::state::schedule::Schedule;
 use crate::state::shared;
+use crate::upstream::probe::ProbeResult;
 use loom::thread;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

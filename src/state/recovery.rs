@@ -7,11 +7,11 @@
 //! that endpoint's wait before its next probe, up to `recovery_max_interval`, so a dead
 //! endpoint costs few probe tokens; a recovery resets it.
 
-use crate::probe::{self, ProbeResult};
 use crate::state::endpoint::{Endpoint, EndpointId};
 use crate::state::failure_queue::FailureQueue;
 use crate::state::schedule::Schedule;
 use crate::state::shared::State;
+use crate::upstream::probe::{self, ProbeResult};
 use crossbeam_channel::{Receiver, Sender, select, tick};
 use log::{info, warn};
 use rayon::prelude::*;

@@ -6,7 +6,6 @@
 //! (after it is released) the queue lock. The current generation (config + endpoints) sits
 //! behind an `RwLock<Arc<_>>` that a request reads once, so a reload never blocks traffic.
 
-use crate::agent;
 use crate::config::{Config, Overrides};
 use crate::state::affinity::Affinity;
 use crate::state::endpoint::{Endpoint, EndpointId};
@@ -16,6 +15,7 @@ use crate::state::histogram::Histogram;
 use crate::state::history::History;
 use crate::state::schedule::Schedule;
 use crate::state::select::{Candidate, Selector};
+use crate::upstream::agent;
 use log::{debug, info, warn};
 use parking_lot::RwLock;
 use std::path::PathBuf;

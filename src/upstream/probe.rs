@@ -5,7 +5,7 @@
 //! `http` is a plain `GET base_url + path`, passed on any 2xx.
 //!
 //! A result's detail starts with where a failure lies, in the words `check --probe` shows
-//! a user: `connect:`, `TLS:`, `outbound proxy:` (from `upstream::describe_error`),
+//! a user: `connect:`, `TLS:`, `outbound proxy:` (from `call::describe_error`),
 //! `auth:` (401: the key; 403: what the key may do), or `probe:` (the endpoint answered, but not as it should).
 
 use crate::config::{Probe, ProbeKind};
@@ -45,7 +45,7 @@ fn request(endpoint: &Endpoint, method: &str, path: &str) -> ureq::http::request
     let mut builder = ureq::http::Request::builder()
         .method(method)
         .uri(format!("{}{path}", endpoint.config.base_url));
-    for (name, value) in crate::upstream::key_headers(endpoint) {
+    for (name, value) in crate::upstream::call::key_headers(endpoint) {
         builder = builder.header(name, value);
     }
     builder.header("anthropic-version", "2023-06-01")
@@ -97,8 +97,8 @@ fn conversation(endpoint: &Endpoint, probe: &Probe) -> ProbeResult {
 
 /// A status that fails the probe, with what it means for the endpoint.
 fn refused(request: &str, status: u16) -> ProbeResult {
-    use crate::upstream::Class;
-    let meaning = match crate::upstream::classify(status) {
+    use crate::upstream::call::Class;
+    let meaning = match crate::upstream::call::classify(status) {
         Class::Auth => {
             return failed(format!(
                 "auth: {request} answered HTTP {status}: the key was refused"
@@ -150,7 +150,7 @@ fn call<B: ureq::AsSendBody>(
         .build();
     agent
         .run(req)
-        .map_err(|e| failed(crate::upstream::describe_error(&e)))
+        .map_err(|e| failed(crate::upstream::call::describe_error(&e)))
 }
 
 fn http_get(endpoint: &Endpoint, path: &str) -> ProbeResult {

@@ -8,7 +8,7 @@
 //! needs no CA file and no outbound proxy; the others get their own.
 
 use crate::config::{Config, EndpointConfig};
-use crate::idle::IdleConnector;
+use crate::upstream::idle::IdleConnector;
 use std::time::Duration;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
 
