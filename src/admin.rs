@@ -5,7 +5,7 @@
 //! named by name and id only.
 
 use crate::config::Config;
-use crate::forward::send_error;
+use crate::forward::failover::send_error;
 use crate::http_out::{ClientOut, Framing};
 use crate::state::endpoint::{Endpoint, EndpointId};
 use crate::state::recovery::{self, Report};

@@ -7,7 +7,6 @@
 //! failure-queue mutex that admits each endpoint once. See ARCHITECTURE.md for the map.
 
 pub mod admin;
-pub mod answer;
 pub mod cli;
 pub mod cli_error;
 pub mod config;
@@ -20,10 +19,8 @@ pub mod logfile;
 pub mod logging;
 pub mod metrics;
 pub mod mock;
-pub mod rewrite;
 pub mod secret;
 pub mod server;
 pub mod state;
-pub mod stream;
 pub mod time;
 pub mod upstream;

@@ -10,7 +10,7 @@
 
 use crate::admin;
 use crate::config::Config;
-use crate::forward::{self, send_error};
+use crate::forward::failover::{self, send_error};
 use crate::http_out::{ClientOut, Framing, error_body};
 use crate::state::recovery::RecoveryThread;
 use crate::state::shared::State;
@@ -239,7 +239,7 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
     // the upstream request (and its cost) within a second.
     let client_gone = move || watched.as_ref().is_some_and(|c| c.peer_closed());
     let served = idle::watching(client_gone, || {
-        forward::forward(state, &generation, &request, &mut out)
+        failover::forward(state, &generation, &request, &mut out)
     });
     state.counters.latency.observe(started.elapsed());
     let endpoint = served
@@ -390,7 +390,7 @@ fn read_body(config: &Config, request: &mut tiny_http::Request) -> Result<Vec<u8
         }
     }
     if let Some(model) = &config.model_override {
-        crate::rewrite::override_model(&mut body, model);
+        crate::forward::rewrite::override_model(&mut body, model);
     }
     Ok(body)
 }

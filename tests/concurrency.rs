@@ -122,7 +122,7 @@ fn random_faults_from_32_threads_of_50_requests_count_exactly_per_endpoint_and_i
         .sum();
     let total = (CLIENT_THREADS * REQUESTS_PER_THREAD) as u64;
     // Final once every client has its answers: the proxy counts a request before it writes
-    // the answer (`forward::served`, then `deliver`), and records each attempt before it
+    // the answer (`failover::served`, then `deliver`), and records each attempt before it
     // writes anything (a JSON body is read whole first, an error answer is kept back).
     let stats = proxy.stats();
     assert_eq!(stats["total_requests"], total);

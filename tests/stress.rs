@@ -248,7 +248,7 @@ fn run(settings: Value) {
         started.elapsed()
     );
 
-    // Every request is counted before its answer is written (`forward::served`, then
+    // Every request is counted before its answer is written (`failover::served`, then
     // `deliver`), so the counts below need no wait; an attempt streamed to the client is
     // recorded only after its last piece, which `settled_stats` waits for.
     let (status, body) = post(&proxy.url, "/__qcc__/queue/retry", "", &[]);

@@ -7,13 +7,13 @@
 //! length is read whole before it is committed, and an event stream is held back only
 //! until its first event has been seen.
 
-use crate::answer::{self, Buffered, Prepared};
+use crate::forward::answer::{self, Buffered, Prepared};
+use crate::forward::rewrite::{estimate_tokens, is_count_tokens};
+use crate::forward::stream::{commit, deliver_buffered};
 use crate::http_out::{ClientOut, error_body};
-use crate::rewrite::{estimate_tokens, is_count_tokens};
 use crate::state::endpoint::{Endpoint, EndpointId, InFlight};
 use crate::state::health::Outcome;
 use crate::state::shared::{Generation, State};
-use crate::stream::{commit, deliver_buffered};
 use crate::upstream::call::{self, Class, ClientRequest};
 use crate::upstream::idle;
 use serde_json::json;

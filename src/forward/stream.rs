@@ -3,7 +3,7 @@
 //! mid-body is reported in-band (an SSE `error` event) or by a broken framing, and a
 //! client that hangs up stops the upstream read at once.
 
-use crate::answer::{Buffered, PIECE, Prepared, body_error};
+use crate::forward::answer::{Buffered, PIECE, Prepared, body_error};
 use crate::http_out::{BodySink, ClientOut, Framing, error_body};
 use crate::upstream::idle;
 use std::io::Read;
