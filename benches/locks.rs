@@ -19,7 +19,7 @@
 //!
 //! Run: `cargo bench --bench locks` (about 20 s).
 
-use failover_proxy::config::{Config, EndpointConfig, Overrides, Strategy};
+use failover_proxy::config::validated::{Config, EndpointConfig, Overrides, Strategy};
 use failover_proxy::mock::MockUpstream;
 use failover_proxy::server::Server;
 use failover_proxy::state::endpoint::Endpoint;

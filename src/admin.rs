@@ -4,7 +4,7 @@
 //! so no lock is held while JSON is built or written. Keys never appear: endpoints are
 //! named by name and id only.
 
-use crate::config::Config;
+use crate::config::validated::Config;
 use crate::forward::failover::send_error;
 use crate::http_out::{ClientOut, Framing};
 use crate::state::endpoint::{Endpoint, EndpointId};
@@ -638,7 +638,7 @@ mod tests {
             "admin_token": admin_token,
             "endpoints": [{"base_url": "http://127.0.0.1:9", "api_key": "sk-test-0123456789"}],
         });
-        let overrides = crate::config::Overrides::default();
+        let overrides = crate::config::validated::Overrides::default();
         Config::from_json(&text.to_string(), &overrides, &|_| None).expect("config")
     }
 

@@ -1,7 +1,8 @@
 //! The command line: `serve`, `check`, `demo`. Parsing is clap's; each command is a
 //! function that returns a `CliError` whose kind decides the exit code.
 
-use crate::config::{Config, ConfigError, Overrides};
+use crate::config::load::ConfigError;
+use crate::config::validated::{Config, Overrides};
 use crate::server::{DRAIN_GRACE, Server};
 use crate::state::shared::{Source, State};
 use clap::{Parser, Subcommand};

@@ -1,7 +1,7 @@
 //! The error of a command: which kind, and the exit code the contract gives it. Its own
 //! module so that the commands (`import_qcc`) use it without importing the command line.
 
-use crate::config::ConfigError;
+use crate::config::load::ConfigError;
 use std::fmt;
 
 /// A failed command; `exit_code` maps its kind to the contract's exit codes.

@@ -9,7 +9,7 @@
 //! `flaky` starts answering 529 and is quarantined too, so traffic fails over to `healthy`;
 //! at 6 s `flaky` is well again, a probe brings it back, and traffic returns to it.
 
-use crate::config::{Config, Overrides};
+use crate::config::validated::{Config, Overrides};
 use crate::mock::{Fault, MockUpstream};
 use crate::server::Server;
 use crate::state::shared::State;

@@ -9,7 +9,8 @@
 //! `--keys-to-env` the notes name the environment variables, not what goes in them.
 
 use crate::cli_error::CliError;
-use crate::config::{Config, ConfigError, Overrides};
+use crate::config::load::ConfigError;
+use crate::config::validated::{Config, Overrides};
 use crate::state::endpoint::EndpointId;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -228,7 +229,7 @@ pub fn translate(text: &str, profile: Option<&str>, keys_to_env: bool) -> Result
         notes.push(env_instructions(&out));
     }
     let config = OutConfig {
-        listen: crate::config::DEFAULT_LISTEN,
+        listen: crate::config::load::DEFAULT_LISTEN,
         strategy: "priority_failover",
         endpoints: out,
     };

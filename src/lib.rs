@@ -19,7 +19,6 @@ pub mod logfile;
 pub mod logging;
 pub mod metrics;
 pub mod mock;
-pub mod secret;
 pub mod server;
 pub mod state;
 pub mod time;

@@ -9,7 +9,7 @@
 //! connection's, and nothing crosses threads on the way. `workers` threads are kept ready.
 
 use crate::admin;
-use crate::config::Config;
+use crate::config::validated::Config;
 use crate::forward::failover::{self, send_error};
 use crate::http_out::{ClientOut, Framing, error_body};
 use crate::state::recovery::RecoveryThread;

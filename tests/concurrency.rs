@@ -3,7 +3,7 @@
 //! the real proxy, and stress tests of the health and queue locks on the library types.
 
 use crate::support::*;
-use failover_proxy::config::{Config, EndpointConfig, Overrides};
+use failover_proxy::config::validated::{Config, EndpointConfig, Overrides};
 use failover_proxy::mock::{Fault, MockUpstream};
 use failover_proxy::state::endpoint::Endpoint;
 use failover_proxy::state::health::Outcome;

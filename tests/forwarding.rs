@@ -121,7 +121,7 @@ fn auth_chooses_the_key_headers_of_forwarded_requests_and_probes() {
         let endpoint = &generation.endpoints[0];
         for kind in ["conversation", "http"] {
             let config = json!({"probe": {"kind": kind}, "endpoints": [{"base_url": "http://a", "api_key": "k"}]});
-            let probe = failover_proxy::config::Config::from_json(
+            let probe = failover_proxy::config::validated::Config::from_json(
                 &config.to_string(),
                 &Default::default(),
                 &|_| None,

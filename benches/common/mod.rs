@@ -1,6 +1,6 @@
 //! What the bench binaries share: a proxy started in-process in front of a mock.
 
-use failover_proxy::config::{Config, Overrides};
+use failover_proxy::config::validated::{Config, Overrides};
 use failover_proxy::mock::MockUpstream;
 use failover_proxy::server::Server;
 use failover_proxy::state::shared::State;

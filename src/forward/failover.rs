@@ -348,7 +348,7 @@ fn attempt_or_failure<'a>(
 
 fn attempt<'a>(
     state: &State,
-    config: &crate::config::Config,
+    config: &crate::config::validated::Config,
     endpoint: &'a Endpoint,
     request: &ClientRequest,
     stream: bool,
@@ -441,7 +441,7 @@ pub fn send_error(out: &mut ClientOut, status: u16, kind: &str, message: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Overrides};
+    use crate::config::validated::{Config, Overrides};
 
     fn one_endpoint_state() -> State {
         let text = r#"{"endpoints":[{"name":"ep","base_url":"http://127.0.0.1:9","api_key":"sk-unit-0123456789"}]}"#;

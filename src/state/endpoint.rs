@@ -5,7 +5,7 @@
 //! `HealthStatus::record` under the lock: no guard ever leaves this module, so no lock can
 //! be held across network I/O by accident.
 
-use crate::config::EndpointConfig;
+use crate::config::validated::EndpointConfig;
 use crate::state::health::{HealthStatus, Outcome, Verdict};
 use crate::state::sync::Mutex;
 use std::fmt;

@@ -27,7 +27,7 @@
 //! RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom cargo test --release --lib models::
 //! ```
 
-use crate::config::EndpointConfig;
+use crate::config::validated::EndpointConfig;
 use crate::state::endpoint::{Endpoint, EndpointId};
 use crate::state::failure_queue::{FailureQueue, QueueStats};
 use crate::state::health::{Outcome, Status};

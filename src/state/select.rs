@@ -4,7 +4,7 @@
 //! endpoints that are eligible right now, and `pick` returns one of them. Every strategy
 //! first narrows to the best (lowest number) priority tier present, then chooses within it.
 
-use crate::config::Strategy;
+use crate::config::validated::Strategy;
 use crate::time::random_u64;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};

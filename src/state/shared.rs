@@ -6,7 +6,7 @@
 //! (after it is released) the queue lock. The current generation (config + endpoints) sits
 //! behind an `RwLock<Arc<_>>` that a request reads once, so a reload never blocks traffic.
 
-use crate::config::{Config, Overrides};
+use crate::config::validated::{Config, Overrides};
 use crate::state::affinity::Affinity;
 use crate::state::endpoint::{Endpoint, EndpointId};
 use crate::state::failure_queue::FailureQueue;

@@ -7,7 +7,7 @@
 //! not), no decompression. One agent (one connection pool) is shared by every endpoint that
 //! needs no CA file and no outbound proxy; the others get their own.
 
-use crate::config::{Config, EndpointConfig};
+use crate::config::validated::{Config, EndpointConfig};
 use crate::upstream::idle::IdleConnector;
 use std::time::Duration;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
@@ -173,7 +173,7 @@ fn pem_certs(pem: &[u8]) -> Vec<Certificate<'static>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{Config, Overrides};
+    use crate::config::validated::{Config, Overrides};
 
     fn endpoint(base_url: &str, proxy: Option<&str>) -> EndpointConfig {
         let text = serde_json::json!({"endpoints": [{"base_url": base_url, "api_key": "k", "proxy": proxy}]});

@@ -8,7 +8,7 @@
 //! a user: `connect:`, `TLS:`, `outbound proxy:` (from `call::describe_error`),
 //! `auth:` (401: the key; 403: what the key may do), or `probe:` (the endpoint answered, but not as it should).
 
-use crate::config::{Probe, ProbeKind};
+use crate::config::validated::{Probe, ProbeKind};
 use crate::state::endpoint::Endpoint;
 use crate::time::random_u64;
 use std::time::Duration;

@@ -7,7 +7,7 @@ pub mod binary;
 pub mod raw;
 pub mod tls;
 
-use failover_proxy::config::{Config, Overrides};
+use failover_proxy::config::validated::{Config, Overrides};
 use failover_proxy::mock::{Fault, MockUpstream};
 use failover_proxy::server::Server;
 use failover_proxy::state::shared::State;
