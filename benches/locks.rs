@@ -21,7 +21,7 @@
 
 use failover_proxy::config::validated::{Config, EndpointConfig, Overrides, Strategy};
 use failover_proxy::mock::MockUpstream;
-use failover_proxy::server::Server;
+use failover_proxy::server::listen::Server;
 use failover_proxy::state::endpoint::Endpoint;
 use failover_proxy::state::health::{Outcome, Verdict};
 use failover_proxy::state::shared::State;

@@ -3,7 +3,7 @@
 
 use crate::config::load::ConfigError;
 use crate::config::validated::{Config, Overrides};
-use crate::server::{DRAIN_GRACE, Server};
+use crate::server::listen::{DRAIN_GRACE, Server};
 use crate::state::shared::{Source, State};
 use clap::{Parser, Subcommand};
 use log::{LevelFilter, info, warn};

@@ -11,7 +11,7 @@
 
 use crate::config::validated::{Config, Overrides};
 use crate::mock::{Fault, MockUpstream};
-use crate::server::Server;
+use crate::server::listen::Server;
 use crate::state::shared::State;
 use parking_lot::Mutex;
 use serde_json::json;

@@ -6,18 +6,14 @@
 //! `parking_lot::Mutex<HealthStatus>` per endpoint, updated once per attempt, and one
 //! failure-queue mutex that admits each endpoint once. See ARCHITECTURE.md for the map.
 
-pub mod admin;
 pub mod cli;
 pub mod cli_error;
 pub mod config;
 pub mod demo;
 pub mod endpoint_id;
 pub mod forward;
-pub mod http_out;
 pub mod import_qcc;
-pub mod logfile;
 pub mod logging;
-pub mod metrics;
 pub mod mock;
 pub mod server;
 pub mod state;

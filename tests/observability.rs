@@ -1,9 +1,9 @@
 //! Stats, metrics, the admin API's access rule, and keys kept out of every output (issue 6).
 
 use crate::support::*;
-use failover_proxy::admin;
-use failover_proxy::http_out::ClientOut;
 use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::server::admin::routes as admin;
+use failover_proxy::server::http_out::ClientOut;
 use failover_proxy::upstream::call::ClientRequest;
 use parking_lot::Mutex;
 use serde_json::{Value, json};

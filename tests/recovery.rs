@@ -256,7 +256,7 @@ mod shutdown {
         }
         let exit = child.wait().unwrap();
         assert_eq!(exit.code(), Some(0));
-        assert!(sent.elapsed() < failover_proxy::server::DRAIN_GRACE);
+        assert!(sent.elapsed() < failover_proxy::server::listen::DRAIN_GRACE);
         let log = log.join().unwrap().join("\n");
         // "stopped" is logged only when every worker and the recovery thread were joined.
         assert!(log.contains("stopped"), "{log}");

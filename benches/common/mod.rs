@@ -2,7 +2,7 @@
 
 use failover_proxy::config::validated::{Config, Overrides};
 use failover_proxy::mock::MockUpstream;
-use failover_proxy::server::Server;
+use failover_proxy::server::listen::Server;
 use failover_proxy::state::shared::State;
 use std::sync::Arc;
 

@@ -6,7 +6,7 @@
 //! checked for an `error` event, a failed attempt's answer is kept for rule 5. Headers are
 //! filtered here too: hop-by-hop and framing headers never pass; everything else does.
 
-use crate::http_out::{ClientOut, Framing};
+use crate::server::http_out::{ClientOut, Framing};
 use crate::upstream::call::{ClientRequest, HOP_BY_HOP};
 use std::io::Read;
 use ureq::http::{self, HeaderMap};

@@ -10,7 +10,7 @@
 use crate::forward::answer::{self, Buffered, Prepared};
 use crate::forward::rewrite::{estimate_tokens, is_count_tokens};
 use crate::forward::stream::{commit, deliver_buffered};
-use crate::http_out::{ClientOut, error_body};
+use crate::server::http_out::{ClientOut, error_body};
 use crate::state::endpoint::{Endpoint, EndpointId, InFlight};
 use crate::state::health::Outcome;
 use crate::state::shared::{Generation, State};

@@ -4,7 +4,7 @@
 //! client that hangs up stops the upstream read at once.
 
 use crate::forward::answer::{Buffered, PIECE, Prepared, body_error};
-use crate::http_out::{BodySink, ClientOut, Framing, error_body};
+use crate::server::http_out::{BodySink, ClientOut, Framing, error_body};
 use crate::upstream::idle;
 use std::io::Read;
 use std::time::{Duration, Instant};

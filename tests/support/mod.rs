@@ -9,7 +9,7 @@ pub mod tls;
 
 use failover_proxy::config::validated::{Config, Overrides};
 use failover_proxy::mock::{Fault, MockUpstream};
-use failover_proxy::server::Server;
+use failover_proxy::server::listen::Server;
 use failover_proxy::state::shared::State;
 use parking_lot::Mutex;
 use serde_json::{Value, json};

@@ -6,7 +6,7 @@
 
 use crate::config::validated::Config;
 use crate::forward::failover::send_error;
-use crate::http_out::{ClientOut, Framing};
+use crate::server::http_out::{ClientOut, Framing};
 use crate::state::endpoint::{Endpoint, EndpointId};
 use crate::state::recovery::{self, Report};
 use crate::state::shared::State;
@@ -67,7 +67,7 @@ pub fn serve(
         ("GET", "") => Answer::Page(STATUS_PAGE),
         ("GET", "/stats") => Answer::Json(200, stats(state)),
         ("GET", "/health") => health(state),
-        ("GET", "/metrics") => Answer::Metrics(crate::metrics::render(state)),
+        ("GET", "/metrics") => Answer::Metrics(crate::server::admin::metrics::render(state)),
         ("GET", "/logs") => logs(state, query),
         ("POST", "/queue/retry") => Answer::Json(200, reports(&recovery::round(state, true))),
         ("POST", "/queue/clear") => {
@@ -228,7 +228,7 @@ fn logs(state: &State, query: &str) -> Answer {
         .min(10_000);
     let min_level = param("level").and_then(|l| l.parse::<log::Level>().ok());
     let grep = param("grep").unwrap_or("");
-    let tail = match crate::logfile::tail(&path, lines, min_level, grep) {
+    let tail = match crate::server::admin::logfile::tail(&path, lines, min_level, grep) {
         Ok(tail) => tail,
         Err(e) => return Answer::Error(500, "api_error", format!("cannot read the log file: {e}")),
     };
