@@ -4,6 +4,8 @@
 
 use crate::config::validated::Config;
 use crate::forward::failover::{self, send_error};
+use crate::server::admin::access::access;
+use crate::server::admin::paths::is_admin_path;
 use crate::server::admin::routes;
 use crate::server::http_out::{ClientOut, Framing, error_body};
 use crate::state::shared::State;
@@ -75,7 +77,7 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
             return;
         }
     };
-    if routes::is_admin_path(&request.target) {
+    if is_admin_path(&request.target) {
         let status = routes::serve(state, &request, remote, listen, &mut out);
         log::debug!("#{id} {line} → {status} (admin)");
         return;
@@ -112,13 +114,13 @@ fn check_request(
     request: &mut tiny_http::Request,
 ) -> Result<ClientRequest, Rejection> {
     let mut head = check_head(config, request)?;
-    let admin = routes::is_admin_path(&head.target);
+    let admin = is_admin_path(&head.target);
     if overflow && !admin {
         return Err(overloaded());
     }
     if admin {
         let remote = request.remote_addr().copied();
-        routes::access(config, listen, remote, &head)
+        access(config, listen, remote, &head)
             .map_err(|denied| (403, "permission_error", denied.0.into()))?;
     } else {
         check_access(config, &head).map_err(|m| (401, "authentication_error", m.into()))?;
