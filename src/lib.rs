@@ -7,13 +7,9 @@
 //! failure-queue mutex that admits each endpoint once. See ARCHITECTURE.md for the map.
 
 pub mod cli;
-pub mod cli_error;
 pub mod config;
-pub mod demo;
 pub mod endpoint_id;
 pub mod forward;
-pub mod import_qcc;
-pub mod logging;
 pub mod mock;
 pub mod server;
 pub mod state;

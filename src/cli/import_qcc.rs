@@ -8,7 +8,7 @@
 //! same way. Keys go only into the config itself, never into a note or an error: with
 //! `--keys-to-env` the notes name the environment variables, not what goes in them.
 
-use crate::cli_error::CliError;
+use crate::cli::error::CliError;
 use crate::config::load::ConfigError;
 use crate::config::validated::{Config, Overrides};
 use crate::state::endpoint::EndpointId;

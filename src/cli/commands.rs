@@ -1,6 +1,7 @@
 //! The command line: `serve`, `check`, `demo`. Parsing is clap's; each command is a
 //! function that returns a `CliError` whose kind decides the exit code.
 
+use crate::cli::error::CliError;
 use crate::config::load::ConfigError;
 use crate::config::validated::{Config, Overrides};
 use crate::server::listen::{DRAIN_GRACE, Server};
@@ -81,10 +82,8 @@ enum Command {
         url: String,
     },
     /// Turn a profile of qcc's config cache (~/.fastcc/cache.json) into a config.
-    ImportQcc(crate::import_qcc::Args),
+    ImportQcc(crate::cli::import_qcc::Args),
 }
-
-pub use crate::cli_error::CliError;
 
 pub fn run() -> Result<(), CliError> {
     match Cli::parse().command {
@@ -96,10 +95,10 @@ pub fn run() -> Result<(), CliError> {
             log_file,
         } => serve(&config, Overrides { listen, workers }, log_level, log_file),
         Command::Check { config, probe } => check(&config, probe),
-        Command::Demo => crate::demo::run().map_err(CliError::Startup),
+        Command::Demo => crate::cli::demo::run().map_err(CliError::Startup),
         Command::Status { url } => status(&url),
         Command::Mock { fault, name } => mock(&fault, &name),
-        Command::ImportQcc(args) => crate::import_qcc::run(&args),
+        Command::ImportQcc(args) => crate::cli::import_qcc::run(&args),
     }
 }
 
@@ -125,7 +124,7 @@ fn serve(
     log_file: Option<PathBuf>,
 ) -> Result<(), CliError> {
     let config = load(path, &overrides)?;
-    crate::logging::init(level, log_file.as_deref()).map_err(CliError::Startup)?;
+    crate::cli::logging::init(level, log_file.as_deref()).map_err(CliError::Startup)?;
     let state = build_state(path, config)?;
     let source = Source {
         config_path: path.to_path_buf(),
