@@ -82,7 +82,7 @@ enum Command {
         url: String,
     },
     /// Turn a profile of qcc's config cache (~/.fastcc/cache.json) into a config.
-    ImportQcc(crate::cli::import_qcc::Args),
+    ImportQcc(crate::cli::import_qcc::command::Args),
 }
 
 pub fn run() -> Result<(), CliError> {
@@ -98,7 +98,7 @@ pub fn run() -> Result<(), CliError> {
         Command::Demo => crate::cli::demo::run().map_err(CliError::Startup),
         Command::Status { url } => status(&url),
         Command::Mock { fault, name } => mock(&fault, &name),
-        Command::ImportQcc(args) => crate::cli::import_qcc::run(&args),
+        Command::ImportQcc(args) => crate::cli::import_qcc::command::run(&args),
     }
 }
 
