@@ -20,7 +20,7 @@
 //! Run: `cargo bench --bench locks` (about 20 s).
 
 use failover_proxy::config::validated::{Config, EndpointConfig, Overrides, Strategy};
-use failover_proxy::mock::MockUpstream;
+use failover_proxy::mock::control::MockUpstream;
 use failover_proxy::server::listen::Server;
 use failover_proxy::state::endpoint::Endpoint;
 use failover_proxy::state::health::{Outcome, Verdict};

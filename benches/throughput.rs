@@ -7,7 +7,7 @@
 
 mod common;
 
-use failover_proxy::mock::MockUpstream;
+use failover_proxy::mock::control::MockUpstream;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;

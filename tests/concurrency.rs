@@ -4,7 +4,8 @@
 
 use crate::support::*;
 use failover_proxy::config::validated::{Config, EndpointConfig, Overrides};
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use failover_proxy::state::endpoint::Endpoint;
 use failover_proxy::state::health::Outcome;
 use failover_proxy::state::shared::State;

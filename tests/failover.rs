@@ -2,7 +2,8 @@
 //! secondary, the 401, 403 and 429 rules, and what the client gets when every attempt failed.
 
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 

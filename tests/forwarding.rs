@@ -2,7 +2,8 @@
 
 use crate::support::raw::{self, RawClient};
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -89,7 +90,7 @@ fn a_client_400_comes_back_after_one_attempt_and_leaves_health_unchanged() {
 }
 
 /// The credentials an upstream request carried, in arrival order.
-fn credentials(request: &failover_proxy::mock::Recorded) -> Vec<(String, String)> {
+fn credentials(request: &failover_proxy::mock::request::Recorded) -> Vec<(String, String)> {
     let is_credential = |n: &str| n == "x-api-key" || n == "authorization";
     let found = request.headers.iter().filter(|(n, _)| is_credential(n));
     found.cloned().collect()

@@ -2,7 +2,8 @@
 //! clean shutdown of the real binary.
 
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use failover_proxy::state::health::Outcome;
 use serde_json::json;
 use std::time::{Duration, Instant};

@@ -1,7 +1,7 @@
 //! What the bench binaries share: a proxy started in-process in front of a mock.
 
 use failover_proxy::config::validated::{Config, Overrides};
-use failover_proxy::mock::MockUpstream;
+use failover_proxy::mock::control::MockUpstream;
 use failover_proxy::server::listen::Server;
 use failover_proxy::state::shared::State;
 use std::sync::Arc;

@@ -293,14 +293,14 @@ fn status_table(s: &serde_json::Value) -> String {
 
 /// `mock`: one mock upstream on loopback until SIGINT/SIGTERM.
 fn mock(fault: &str, name: &str) -> Result<(), CliError> {
-    let parsed = crate::mock::Fault::parse(fault)
+    let parsed = crate::mock::fault::Fault::parse(fault)
         .ok_or_else(|| CliError::Usage(format!("--fault: unknown fault {fault:?}")))?;
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGINT,
         signal_hook::consts::SIGTERM,
     ])
     .map_err(|e| CliError::Startup(format!("cannot install signal handlers: {e}")))?;
-    let upstream = crate::mock::MockUpstream::start_named(name, parsed)
+    let upstream = crate::mock::control::MockUpstream::start_named(name, parsed)
         .map_err(|e| CliError::Startup(format!("cannot start the mock upstream: {e}")))?;
     println!(
         "mock upstream {name:?} on {} (fault {fault}); Ctrl-C stops it",

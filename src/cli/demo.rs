@@ -10,7 +10,8 @@
 //! at 6 s `flaky` is well again, a probe brings it back, and traffic returns to it.
 
 use crate::config::validated::{Config, Overrides};
-use crate::mock::{Fault, MockUpstream};
+use crate::mock::control::MockUpstream;
+use crate::mock::fault::Fault;
 use crate::server::listen::Server;
 use crate::state::shared::State;
 use parking_lot::Mutex;

@@ -8,7 +8,8 @@ pub mod raw;
 pub mod tls;
 
 use failover_proxy::config::validated::{Config, Overrides};
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use failover_proxy::server::listen::Server;
 use failover_proxy::state::shared::State;
 use parking_lot::Mutex;
