@@ -1,10 +1,24 @@
 //! failover-proxy: a blocking, multithreaded failover proxy for Anthropic-API clients.
 //!
-//! A fixed pool of worker threads takes requests from tiny_http, forwards each one to the
-//! best eligible upstream endpoint with a blocking ureq call, and fails over to the next
-//! endpoint when an attempt fails. Endpoint health is kept exact under concurrency: one
+//! Each client connection is served on a thread of its own (tiny_http, vendored), one
+//! request after another: the thread forwards each request to the best eligible upstream
+//! endpoint with a blocking ureq call, and fails over to the next endpoint when an attempt
+//! fails. Endpoint health is kept exact under concurrency: one
 //! `parking_lot::Mutex<HealthStatus>` per endpoint, updated once per attempt, and one
 //! failure-queue mutex that admits each endpoint once. See ARCHITECTURE.md for the map.
+//!
+//! The modules are the layers, from the client inwards:
+//! - `cli`: the command line and its commands (`serve`, `check`, `demo`, `import-qcc`, …);
+//! - `server`: the client side, the only layer that knows tiny_http: start and shutdown,
+//!   each request on its connection's thread, the admin API;
+//! - `forward`: one request forwarded: the failover loop, the commit point, the pump;
+//! - `upstream`: the ureq side: one call and what its answer means, the agents, the bounds
+//!   on every upstream wait, the probes;
+//! - `state`: what every thread shares: endpoints and their health, the failure queue,
+//!   selection, affinity, the recovery round, the history;
+//! - `config`: the config file, validated;
+//! - `endpoint_id`, `time`: plain pieces at the bottom;
+//! - `mock`: the fault-injecting upstream of the tests, the benches and the demo.
 
 pub mod cli;
 pub mod config;

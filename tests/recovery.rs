@@ -79,7 +79,7 @@ fn a_probe_answered_without_the_code_leaves_the_endpoint_queued() {
 /// schedule would wait 0.1 s each time). Each failed probe logs the wait before the next
 /// one, so the first four such lines, in order, are the back-off; and every one of them is
 /// a probe the mock received and the endpoint counted. That a round waits for them is
-/// checked with the clock handed in, in `recovery.rs`'s unit test.
+/// checked with the clock handed in, in `src/state/recovery.rs`'s unit test.
 #[test]
 fn probe_delays_double_after_each_failure() {
     let primary = mock(Fault::Status(401));
