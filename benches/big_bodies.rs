@@ -16,7 +16,7 @@ mod common;
 mod raw;
 
 use common::start_proxy;
-use failover_proxy::mock::MockUpstream;
+use failover_proxy::mock::control::MockUpstream;
 use raw::RawClient;
 use std::sync::{Arc, Barrier};
 use std::thread;

@@ -13,7 +13,7 @@ mod common;
 mod raw;
 
 use common::nginx::Nginx;
-use failover_proxy::mock::MockUpstream;
+use failover_proxy::mock::control::MockUpstream;
 use raw::RawClient;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};

@@ -19,12 +19,12 @@
 //!
 //! Run: `cargo bench --bench locks` (about 20 s).
 
-use failover_proxy::config::{Config, EndpointConfig, Overrides, Strategy};
-use failover_proxy::endpoint::Endpoint;
-use failover_proxy::health::{Outcome, Verdict};
-use failover_proxy::mock::MockUpstream;
-use failover_proxy::server::Server;
-use failover_proxy::state::State;
+use failover_proxy::config::validated::{Config, EndpointConfig, Overrides, Strategy};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::server::listen::Server;
+use failover_proxy::state::endpoint::Endpoint;
+use failover_proxy::state::health::{Outcome, Verdict};
+use failover_proxy::state::shared::State;
 use serde_json::json;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};

@@ -7,7 +7,7 @@
 
 mod common;
 
-use failover_proxy::mock::MockUpstream;
+use failover_proxy::mock::control::MockUpstream;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -19,7 +19,8 @@ const BODY: &str = r#"{"model":"claude-bench","max_tokens":64,"messages":[{"role
 fn main() {
     // BENCH_LOG=FILE: the proxy logs as `serve --log-file FILE` does (and to stderr).
     if let Ok(path) = std::env::var("BENCH_LOG") {
-        failover_proxy::logging::init(log::LevelFilter::Info, Some(path.as_ref())).expect("logger");
+        failover_proxy::cli::logging::init(log::LevelFilter::Info, Some(path.as_ref()))
+            .expect("logger");
     }
     let seconds: u64 = std::env::var("SECONDS")
         .ok()

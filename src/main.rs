@@ -2,7 +2,7 @@
 //! to an exit code (0 success, 2 bad usage or config, 1 any other failure).
 
 fn main() {
-    let code = match failover_proxy::cli::run() {
+    let code = match failover_proxy::cli::commands::run() {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("failover-proxy: {e}");

@@ -5,7 +5,7 @@
 
 use crate::support::raw::{Headers, RawClient};
 use crate::support::*;
-use failover_proxy::mock::Fault;
+use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
 
 const BAD_HOST: &str = "the admin API needs a loopback Host (localhost, 127.0.0.1 or [::1]) \

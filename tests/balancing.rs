@@ -1,7 +1,8 @@
 //! Strategies and session affinity through the real proxy (issue 6).
 
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::json;
 
 fn named(names: &[&str]) -> Vec<MockUpstream> {

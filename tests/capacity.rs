@@ -7,7 +7,7 @@
 use crate::support::binary::Binary;
 use crate::support::raw::{self, RawClient};
 use crate::support::*;
-use failover_proxy::mock::Fault;
+use failover_proxy::mock::fault::Fault;
 use serde_json::json;
 use std::io::Read;
 use std::net::TcpStream;

@@ -5,7 +5,7 @@
 
 use crate::support::tls::{self, TestCa, TlsFront};
 use crate::support::*;
-use failover_proxy::mock::Fault;
+use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
 
 /// One endpoint of the probed config and the words its line must hold.

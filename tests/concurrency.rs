@@ -3,11 +3,12 @@
 //! the real proxy, and stress tests of the health and queue locks on the library types.
 
 use crate::support::*;
-use failover_proxy::config::{Config, EndpointConfig, Overrides};
-use failover_proxy::endpoint::Endpoint;
-use failover_proxy::health::Outcome;
-use failover_proxy::mock::{Fault, MockUpstream};
-use failover_proxy::state::State;
+use failover_proxy::config::validated::{Config, EndpointConfig, Overrides};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
+use failover_proxy::state::endpoint::Endpoint;
+use failover_proxy::state::health::Outcome;
+use failover_proxy::state::shared::State;
 use serde_json::{Value, json};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
@@ -122,7 +123,7 @@ fn random_faults_from_32_threads_of_50_requests_count_exactly_per_endpoint_and_i
         .sum();
     let total = (CLIENT_THREADS * REQUESTS_PER_THREAD) as u64;
     // Final once every client has its answers: the proxy counts a request before it writes
-    // the answer (`forward::served`, then `deliver`), and records each attempt before it
+    // the answer (`failover::served`, then `deliver`), and records each attempt before it
     // writes anything (a JSON body is read whole first, an error answer is kept back).
     let stats = proxy.stats();
     assert_eq!(stats["total_requests"], total);

@@ -4,7 +4,7 @@
 //! one line that says where: a `line L, column C` for JSON syntax, a field name otherwise.
 
 use crate::head_fuzz::{Rng, corpus};
-use failover_proxy::config::{Config, Overrides};
+use failover_proxy::config::validated::{Config, Overrides};
 use serde_json::{Value, json};
 
 /// Values that have broken parsers: wrong types, extremes, empty and odd strings.

@@ -2,7 +2,8 @@
 //! secondary, the 401, 403 and 429 rules, and what the client gets when every attempt failed.
 
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 
@@ -277,7 +278,7 @@ fn a_429_whose_retry_after_overflows_the_clock_fails_over_and_cools_down_at_most
         .cooldown_until
         .expect("the primary cools down");
     let now = Instant::now();
-    assert!(until <= now + failover_proxy::upstream::MAX_COOLDOWN);
+    assert!(until <= now + failover_proxy::upstream::call::MAX_COOLDOWN);
     assert!(
         until <= now + Duration::from_secs(600),
         "not rate_limit_cooldown"

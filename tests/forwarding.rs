@@ -2,7 +2,8 @@
 
 use crate::support::raw::{self, RawClient};
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -89,7 +90,7 @@ fn a_client_400_comes_back_after_one_attempt_and_leaves_health_unchanged() {
 }
 
 /// The credentials an upstream request carried, in arrival order.
-fn credentials(request: &failover_proxy::mock::Recorded) -> Vec<(String, String)> {
+fn credentials(request: &failover_proxy::mock::request::Recorded) -> Vec<(String, String)> {
     let is_credential = |n: &str| n == "x-api-key" || n == "authorization";
     let found = request.headers.iter().filter(|(n, _)| is_credential(n));
     found.cloned().collect()
@@ -121,14 +122,14 @@ fn auth_chooses_the_key_headers_of_forwarded_requests_and_probes() {
         let endpoint = &generation.endpoints[0];
         for kind in ["conversation", "http"] {
             let config = json!({"probe": {"kind": kind}, "endpoints": [{"base_url": "http://a", "api_key": "k"}]});
-            let probe = failover_proxy::config::Config::from_json(
+            let probe = failover_proxy::config::validated::Config::from_json(
                 &config.to_string(),
                 &Default::default(),
                 &|_| None,
             )
             .expect("config")
             .probe;
-            let result = failover_proxy::probe::run(endpoint, &probe);
+            let result = failover_proxy::upstream::probe::run(endpoint, &probe);
             assert!(result.recovered, "{settings} {kind}: {result:?}");
         }
         let recorded = up.recorded();

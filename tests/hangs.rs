@@ -6,7 +6,8 @@
 use crate::support::raw::{self, RawClient};
 use crate::support::tls::{LoopbackServer, read_request};
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
 use std::io::Write;
 use std::time::Duration;

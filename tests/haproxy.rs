@@ -7,7 +7,8 @@
 
 use crate::support::binary::Binary;
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::json;
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -11,7 +11,7 @@
 use crate::support::binary::Binary;
 use crate::support::raw;
 use crate::support::*;
-use failover_proxy::mock::Fault;
+use failover_proxy::mock::fault::Fault;
 use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpStream};

@@ -1,4 +1,4 @@
-//! Self-tests of the mock upstream in `src/mock.rs`, through a raw socket client (to see
+//! Self-tests of the mock upstream in `src/mock/`, through a raw socket client (to see
 //! resets, hangs, chunks and cut streams as they are) and through ureq (to check that a
 //! real client accepts what it writes). Everything stays on 127.0.0.1 and every read has
 //! a timeout, so a broken mock fails a test instead of hanging it.
@@ -7,7 +7,8 @@ use std::io;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
 
 use crate::support::raw::{self, Head, Headers, RawClient};

@@ -1,10 +1,11 @@
 //! Stats, metrics, the admin API's access rule, and keys kept out of every output (issue 6).
 
 use crate::support::*;
-use failover_proxy::admin;
-use failover_proxy::http_out::ClientOut;
-use failover_proxy::mock::{Fault, MockUpstream};
-use failover_proxy::upstream::ClientRequest;
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
+use failover_proxy::server::admin::routes as admin;
+use failover_proxy::server::http_out::ClientOut;
+use failover_proxy::upstream::call::ClientRequest;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use std::collections::HashMap;

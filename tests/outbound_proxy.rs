@@ -6,7 +6,7 @@
 
 use crate::support::tls::{self, ConnectProxy, Socks5Proxy, TestCa, TlsFront};
 use crate::support::*;
-use failover_proxy::mock::MockUpstream;
+use failover_proxy::mock::control::MockUpstream;
 use serde_json::{Value, json};
 
 const REQUESTS: usize = 10;

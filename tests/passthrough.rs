@@ -7,7 +7,8 @@
 use crate::support::raw::{self, RawClient};
 use crate::support::tls::{LoopbackServer, read_request};
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use parking_lot::Mutex;

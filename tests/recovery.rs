@@ -2,8 +2,9 @@
 //! clean shutdown of the real binary.
 
 use crate::support::*;
-use failover_proxy::health::Outcome;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
+use failover_proxy::state::health::Outcome;
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -78,7 +79,7 @@ fn a_probe_answered_without_the_code_leaves_the_endpoint_queued() {
 /// schedule would wait 0.1 s each time). Each failed probe logs the wait before the next
 /// one, so the first four such lines, in order, are the back-off; and every one of them is
 /// a probe the mock received and the endpoint counted. That a round waits for them is
-/// checked with the clock handed in, in `recovery.rs`'s unit test.
+/// checked with the clock handed in, in `src/state/recovery.rs`'s unit test.
 #[test]
 fn probe_delays_double_after_each_failure() {
     let primary = mock(Fault::Status(401));
@@ -256,7 +257,7 @@ mod shutdown {
         }
         let exit = child.wait().unwrap();
         assert_eq!(exit.code(), Some(0));
-        assert!(sent.elapsed() < failover_proxy::server::DRAIN_GRACE);
+        assert!(sent.elapsed() < failover_proxy::server::listen::DRAIN_GRACE);
         let log = log.join().unwrap().join("\n");
         // "stopped" is logged only when every worker and the recovery thread were joined.
         assert!(log.contains("stopped"), "{log}");

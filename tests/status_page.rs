@@ -4,7 +4,7 @@
 
 use crate::support::raw::RawClient;
 use crate::support::*;
-use failover_proxy::mock::Fault;
+use failover_proxy::mock::fault::Fault;
 use failover_proxy::time::iso8601;
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};

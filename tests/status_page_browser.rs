@@ -11,7 +11,7 @@
 //! (file descriptors 3 and 4, messages ended by a NUL byte): no WebSocket client needed.
 
 use crate::support::*;
-use failover_proxy::mock::Fault;
+use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
 use std::fs::File;
 use std::io::{BufRead, BufReader, Write};

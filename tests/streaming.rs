@@ -7,7 +7,8 @@
 
 use crate::support::raw::{self, Head, RawClient};
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
 
 /// A proxy in front of one mock. Fields drop in declaration order: the mock goes first

@@ -14,7 +14,8 @@
 //! - after the mocks are healthy again and a forced recovery round, nothing is queued.
 
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -248,7 +249,7 @@ fn run(settings: Value) {
         started.elapsed()
     );
 
-    // Every request is counted before its answer is written (`forward::served`, then
+    // Every request is counted before its answer is written (`failover::served`, then
     // `deliver`), so the counts below need no wait; an attempt streamed to the client is
     // recorded only after its last piece, which `settled_stats` waits for.
     let (status, body) = post(&proxy.url, "/__qcc__/queue/retry", "", &[]);

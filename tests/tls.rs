@@ -8,7 +8,8 @@
 use crate::support::raw::{self, RawClient};
 use crate::support::tls::{TempFile, TestCa, TlsFront};
 use crate::support::*;
-use failover_proxy::mock::{Fault, MockUpstream};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
 
 /// The mock, the TLS front before it, the CA file, and a proxy whose first endpoint is

@@ -1,9 +1,9 @@
 //! What the bench binaries share: a proxy started in-process in front of a mock.
 
-use failover_proxy::config::{Config, Overrides};
-use failover_proxy::mock::MockUpstream;
-use failover_proxy::server::Server;
-use failover_proxy::state::State;
+use failover_proxy::config::validated::{Config, Overrides};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::server::listen::Server;
+use failover_proxy::state::shared::State;
 use std::sync::Arc;
 
 /// A proxy with `workers` threads kept ready in front of `mock`, logging nothing; and its

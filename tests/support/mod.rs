@@ -7,10 +7,11 @@ pub mod binary;
 pub mod raw;
 pub mod tls;
 
-use failover_proxy::config::{Config, Overrides};
-use failover_proxy::mock::{Fault, MockUpstream};
-use failover_proxy::server::Server;
-use failover_proxy::state::State;
+use failover_proxy::config::validated::{Config, Overrides};
+use failover_proxy::mock::control::MockUpstream;
+use failover_proxy::mock::fault::Fault;
+use failover_proxy::server::listen::Server;
+use failover_proxy::state::shared::State;
 use parking_lot::Mutex;
 use serde_json::{Value, json};
 use std::sync::{Arc, OnceLock};

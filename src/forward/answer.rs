@@ -1,0 +1,374 @@
+//! What an upstream answered, made ready for the client or kept as a failure.
+//!
+//! Everything here happens before the commit point (the first byte to the client): a
+//! non-streaming body of known length is read whole and checked for a soft error (a 2xx
+//! whose JSON says `"type":"error"`), an event stream is read up to its first event and
+//! checked for an `error` event, a failed attempt's answer is kept for rule 5. Headers are
+//! filtered here too: hop-by-hop and framing headers never pass; everything else does.
+
+use crate::server::http_out::{ClientOut, Framing};
+use crate::upstream::call::{ClientRequest, HOP_BY_HOP};
+use std::io::Read;
+use ureq::http::{self, HeaderMap};
+
+/// At most this much is read from an upstream body at a time; whatever a read returns is
+/// written and flushed at once (stream.rs) or kept (here).
+pub(crate) const PIECE: usize = 8 * 1024;
+
+/// Non-streaming bodies up to this size are read whole before the commit point, so a
+/// failure while reading them can still fail over.
+pub(crate) const BUFFER_CAP: u64 = 8 * 1024 * 1024;
+
+/// A failed attempt's body is kept (for rule 5's "last upstream response") up to this.
+const ERROR_BODY_CAP: usize = 256 * 1024;
+
+/// A stream's preamble is held back at most this long (then committed as it is).
+const PREAMBLE_CAP: usize = 64 * 1024;
+
+/// An upstream response held in memory: a failed attempt's answer, or a small body.
+pub(crate) struct Buffered {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, Vec<u8>)>,
+    pub(crate) body: Vec<u8>,
+}
+
+/// A successful response ready to be committed: the head, what was read of the body
+/// before the commit point, and the rest still to be streamed.
+pub(crate) struct Prepared {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(String, Vec<u8>)>,
+    pub(crate) framing: Framing,
+    pub(crate) prefix: Vec<u8>,
+    pub(crate) rest: Option<ureq::BodyReader<'static>>,
+    pub(crate) sse: bool,
+}
+
+/// ` (overloaded_error)` when the answer is in Anthropic's error shape; only the type is
+/// kept, since a relay's message text could quote anything, a key included.
+pub(crate) fn error_kind(answer: &Buffered) -> String {
+    soft_error_type(&answer.body)
+        .map(|kind| format!(" ({kind})"))
+        .unwrap_or_default()
+}
+
+/// The `error.type` of a body in Anthropic's error shape.
+pub(crate) fn soft_error_type(body: &[u8]) -> Option<String> {
+    /// Only the two fields looked at: serde skips the rest of a large message without
+    /// building it (a `Value` of every 2xx body showed up in profiles).
+    #[derive(serde::Deserialize)]
+    struct Top {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        error: Option<serde_json::Value>,
+    }
+    if !body.trim_ascii_start().starts_with(b"{") {
+        return None;
+    }
+    let top: Top = serde_json::from_slice(body).ok()?;
+    if top.kind.as_deref() != Some("error") {
+        return None;
+    }
+    let error = top.error.unwrap_or_default();
+    let kind = error["type"].as_str().unwrap_or("error");
+    Some(
+        kind.chars()
+            .filter(|c| c.is_ascii_graphic())
+            .take(64)
+            .collect(),
+    )
+}
+
+/// The upstream's headers as the client gets them: hop-by-hop and framing headers out
+/// (the framing is ours), everything else untouched.
+pub(crate) fn client_headers(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+    let listed: Vec<String> = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .collect();
+    headers
+        .iter()
+        .filter(|(n, _)| {
+            let n = n.as_str();
+            !HOP_BY_HOP.contains(&n) && n != "content-length" && !listed.iter().any(|t| t == n)
+        })
+        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+        .collect()
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+fn header_starts_with(headers: &HeaderMap, name: http::header::HeaderName, prefix: &str) -> bool {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with(prefix))
+}
+
+fn is_encoded(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_ENCODING)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"))
+}
+
+/// Reads a failed attempt's body (bounded) so it can be the "last upstream response".
+pub(crate) fn buffer_error(
+    status: u16,
+    headers: &HeaderMap,
+    mut reader: ureq::BodyReader,
+) -> Buffered {
+    let mut body = Vec::new();
+    let _partial_is_fine = (&mut reader)
+        .take(ERROR_BODY_CAP as u64)
+        .read_to_end(&mut body);
+    Buffered {
+        status,
+        headers: client_headers(headers),
+        body,
+    }
+}
+
+/// A response without a body for this request: HEAD, 1xx, 204, 304.
+fn has_no_body(status: u16, request: &ClientRequest) -> bool {
+    request.method == http::Method::HEAD || status < 200 || status == 204 || status == 304
+}
+
+/// A response passed on as it comes (client errors, large or open-ended bodies).
+pub(crate) fn pass_through(
+    status: u16,
+    headers: &HeaderMap,
+    reader: ureq::BodyReader<'static>,
+    request: &ClientRequest,
+    out: &ClientOut,
+) -> Prepared {
+    let length = content_length(headers);
+    let framing = match (has_no_body(status, request), length) {
+        (true, Some(n)) if request.method == http::Method::HEAD => Framing::Length(n),
+        (true, _) => Framing::NoBody,
+        (false, Some(n)) => Framing::Length(n),
+        (false, None) => out.open_ended(),
+    };
+    Prepared {
+        status,
+        headers: client_headers(headers),
+        framing,
+        prefix: Vec::new(),
+        rest: (framing != Framing::NoBody).then_some(reader),
+        sse: header_starts_with(headers, http::header::CONTENT_TYPE, "text/event-stream"),
+    }
+}
+
+pub(crate) type NotCommitted = (String, Option<Buffered>);
+
+/// Everything a 2xx/3xx needs before the commit point: a small body read whole and checked
+/// for a soft error, an event stream's first event read and checked for an error event.
+pub(crate) fn prepare_success(
+    status: u16,
+    headers: &HeaderMap,
+    mut reader: ureq::BodyReader<'static>,
+    request: &ClientRequest,
+    out: &ClientOut,
+) -> Result<Prepared, NotCommitted> {
+    let sse = header_starts_with(headers, http::header::CONTENT_TYPE, "text/event-stream");
+    let length = content_length(headers).filter(|&n| n <= BUFFER_CAP);
+    if has_no_body(status, request) || is_encoded(headers) {
+        return Ok(pass_through(status, headers, reader, request, out));
+    }
+    if let (false, Some(n)) = (sse, length) {
+        let mut body = Vec::with_capacity(n as usize);
+        // To the end, not `take(n)`: ureq returns the connection to its pool only once its
+        // reader has reported the end of the body (it enforces the length itself).
+        let read = reader.read_to_end(&mut body);
+        if let Err(e) = read {
+            return Err((body_error(&e), None));
+        }
+        if body.len() as u64 != n {
+            return Err(("response body ended early".into(), None));
+        }
+        let json = header_starts_with(headers, http::header::CONTENT_TYPE, "application/json");
+        if let Some(kind) = soft_error_type(&body).filter(|_| json && status < 300) {
+            let answer = Buffered {
+                status,
+                headers: client_headers(headers),
+                body,
+            };
+            return Err((
+                format!("HTTP {status} with an error inside ({kind})"),
+                Some(answer),
+            ));
+        }
+        let mut prepared = pass_through(status, headers, reader, request, out);
+        prepared.prefix = body;
+        prepared.rest = None;
+        return Ok(prepared);
+    }
+    let mut prepared = pass_through(status, headers, reader, request, out);
+    if sse {
+        let Some(rest) = prepared.rest.as_mut() else {
+            return Ok(prepared);
+        };
+        let (opening, how) = read_opening(rest).map_err(|e| (body_error(&e), None))?;
+        prepared.prefix = opening;
+        match how {
+            Opening::Content | Opening::Capped => {}
+            Opening::Ended => {
+                return Err(("the stream ended before its first content".into(), None));
+            }
+            Opening::Error => {
+                let answer = Buffered {
+                    status,
+                    headers: prepared.headers,
+                    body: prepared.prefix,
+                };
+                let reason = "the stream sent an error event before its first content";
+                return Err((reason.into(), Some(answer)));
+            }
+        }
+    }
+    Ok(prepared)
+}
+
+/// Why a body read failed, in words a user acts on.
+pub(crate) fn body_error(e: &std::io::Error) -> String {
+    if e.kind() == std::io::ErrorKind::TimedOut || e.to_string().contains("timeout") {
+        "the body stalled for longer than idle_timeout".into()
+    } else {
+        format!("the body broke off: {e}")
+    }
+}
+
+/// How a stream's opening ended: the point where it may be committed, or why not.
+#[derive(Debug, PartialEq)]
+enum Opening {
+    /// A content event arrived (`content_block_delta`, or `message_delta` /
+    /// `message_stop` for an empty answer): commit, with everything before it.
+    Content,
+    /// The preamble filled `PREAMBLE_CAP` without content: commit what there is.
+    Capped,
+    /// An `error` event came before any content.
+    Error,
+    /// The body ended before any content.
+    Ended,
+}
+
+/// Events that are the answer itself, not its preamble.
+const CONTENT_EVENTS: [&str; 3] = ["content_block_delta", "message_delta", "message_stop"];
+
+/// Reads a stream's preamble (`message_start`, `content_block_start`, `ping`) up to its
+/// first content event: until then nothing has reached the client, so a hang or a stall
+/// after the preamble can still fail over, and the preamble goes out in one flush with
+/// the first content.
+fn read_opening(reader: &mut ureq::BodyReader<'static>) -> std::io::Result<(Vec<u8>, Opening)> {
+    let mut buf = Vec::new();
+    let mut scanned = 0;
+    loop {
+        while let Some(end) = event_end(&buf[scanned..]) {
+            let event = &buf[scanned..scanned + end];
+            scanned += end;
+            let name = event_type(event);
+            if name == "error" || is_error_data(event) {
+                return Ok((buf, Opening::Error));
+            }
+            if CONTENT_EVENTS.contains(&name.as_str()) {
+                return Ok((buf, Opening::Content));
+            }
+        }
+        if buf.len() >= PREAMBLE_CAP {
+            return Ok((buf, Opening::Capped));
+        }
+        // Read into the vector itself: a buffer on the stack stays resident in every
+        // connection thread's stack for as long as the thread lives.
+        let len = buf.len();
+        buf.resize(len + PIECE, 0);
+        let n = reader.read(&mut buf[len..])?;
+        buf.truncate(len + n);
+        if n == 0 {
+            return Ok((buf, Opening::Ended));
+        }
+    }
+}
+
+/// The length of the first complete event in `buf`, its blank line included.
+fn event_end(buf: &[u8]) -> Option<usize> {
+    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
+    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    match (lf, crlf) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// An event's name: its `event:` line, else its data's `type`.
+fn event_type(event: &[u8]) -> String {
+    let text = String::from_utf8_lossy(event);
+    let line = |prefix: &str| {
+        text.lines()
+            .find_map(|l| l.trim_end_matches('\r').strip_prefix(prefix).map(str::trim))
+            .map(str::to_string)
+    };
+    if let Some(name) = line("event:") {
+        return name;
+    }
+    #[derive(serde::Deserialize)]
+    struct Typed {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+    }
+    line("data:")
+        .and_then(|data| serde_json::from_str::<Typed>(&data).ok())
+        .and_then(|typed| typed.kind)
+        .unwrap_or_default()
+}
+
+/// An event whose data is Anthropic's error shape.
+fn is_error_data(event: &[u8]) -> bool {
+    String::from_utf8_lossy(event).lines().any(|line| {
+        line.trim_end_matches('\r')
+            .strip_prefix("data:")
+            .is_some_and(|data| soft_error_type(data.trim().as_bytes()).is_some())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recognises_soft_errors_and_error_events() {
+        assert_eq!(
+            soft_error_type(
+                br#" {"type":"error","error":{"type":"overloaded_error","message":"x"}}"#
+            ),
+            Some("overloaded_error".into())
+        );
+        assert_eq!(soft_error_type(br#"{"type":"message","content":[]}"#), None);
+        assert_eq!(soft_error_type(b"not json"), None);
+        assert_eq!(event_type(b"event: error\ndata: {}\n\n"), "error");
+        let data_only =
+            b"data: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\"}}\r\n\r\n";
+        assert_eq!(event_type(data_only), "error");
+        assert!(is_error_data(data_only));
+        assert_eq!(
+            event_type(b"event: ping\ndata: {\"type\": \"ping\"}\n\n"),
+            "ping"
+        );
+    }
+
+    #[test]
+    fn events_end_at_a_blank_line_of_either_kind() {
+        assert_eq!(event_end(b"event: a\ndata: 1\n\nevent: b"), Some(18));
+        assert_eq!(event_end(b"event: a\r\ndata: 1\r\n\r\nnext"), Some(21));
+        assert_eq!(event_end(b"event: a\ndata: 1\n"), None);
+    }
+}

@@ -1,0 +1,149 @@
+//! The pass-through pump: the head, then each piece of body written and flushed the moment
+//! it is read. After the commit point nothing is retried: an upstream that breaks off
+//! mid-body is reported in-band (an SSE `error` event) or by a broken framing, and a
+//! client that hangs up stops the upstream read at once.
+
+use crate::forward::answer::{Buffered, PIECE, Prepared, body_error};
+use crate::server::http_out::{BodySink, ClientOut, Framing, error_body};
+use crate::upstream::idle;
+use std::io::Read;
+use std::time::{Duration, Instant};
+
+/// Writes the head and the body to the client; returns the upstream's failure if it broke
+/// off after the commit point (an endpoint failure). A client that hangs up ends the
+/// upstream read at once (the upstream connection is dropped with the reader, not pooled)
+/// and is nobody's failure.
+/// A stream that carries nothing but `ping`s for `idle` is ended as broken: pings are not
+/// progress.
+pub(crate) fn commit(prepared: Prepared, out: &mut ClientOut, idle: Duration) -> Option<String> {
+    let headers: Vec<(&str, &[u8])> = prepared
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    let mut sink = out
+        .start(prepared.status, &headers, prepared.framing)
+        .ok()?;
+    // The head goes out now, with the prefix if there is one: a stream's headers must
+    // not wait for its next event.
+    let sent = if prepared.prefix.is_empty() {
+        sink.flush()
+    } else {
+        sink.write_piece(&prepared.prefix)
+    };
+    sent.ok()?;
+    let end = match prepared.rest {
+        Some(reader) => pump(reader, &mut sink, prepared.sse.then_some(idle)),
+        None => Pump::Done,
+    };
+    match end {
+        Pump::Done => {
+            let _client_may_be_gone = sink.finish();
+            None
+        }
+        Pump::ClientGone => None,
+        Pump::UpstreamBroke(reason) => {
+            end_broken_body(sink, prepared.sse);
+            Some(reason)
+        }
+    }
+}
+
+enum Pump {
+    Done,
+    ClientGone,
+    UpstreamBroke(String),
+}
+
+/// Copies the body piece by piece, each piece written and flushed as it arrives. With
+/// `ping_limit` (an event stream), pieces that hold only `ping` events are not progress:
+/// past the limit without progress the stream is broken.
+fn pump(
+    mut reader: ureq::BodyReader<'static>,
+    sink: &mut BodySink,
+    ping_limit: Option<Duration>,
+) -> Pump {
+    let mut piece = vec![0u8; PIECE];
+    let mut progress_at = Instant::now();
+    loop {
+        let n = match reader.read(&mut piece) {
+            Ok(0) if sink.is_short() => {
+                return Pump::UpstreamBroke("the body ended before its content-length".into());
+            }
+            Ok(0) => return Pump::Done,
+            Ok(n) => n,
+            // The wait was cut because the client went away (upstream/idle.rs): nobody's failure.
+            Err(_) if idle::client_went_away() => return Pump::ClientGone,
+            Err(e) => return Pump::UpstreamBroke(body_error(&e)),
+        };
+        if sink.write_piece(&piece[..n]).is_err() {
+            return Pump::ClientGone;
+        }
+        match ping_limit {
+            Some(limit) if only_pings(&piece[..n]) => {
+                if progress_at.elapsed() >= limit {
+                    let reason = "the stream carried only pings for longer than idle_timeout";
+                    return Pump::UpstreamBroke(reason.into());
+                }
+            }
+            _ => progress_at = Instant::now(),
+        }
+    }
+}
+
+/// A piece whose events are all `ping`s (at least one): a keep-alive, not progress. A
+/// piece without an `event:` line continues an event, which is progress.
+fn only_pings(piece: &[u8]) -> bool {
+    let mut names = piece
+        .split(|&b| b == b'\n')
+        .filter_map(|line| line.strip_prefix(b"event:"))
+        .map(|name| name.trim_ascii());
+    names.next() == Some(b"ping") && names.all(|name| name == b"ping")
+}
+
+/// After an upstream failure mid-body: an event stream gets a final `event: error` in
+/// Anthropic's shape and a clean end; any other body is ended as broken.
+fn end_broken_body(mut sink: BodySink, sse: bool) {
+    if sse && sink.framing() != Framing::Length(0) {
+        let data = error_body("api_error", "the upstream stream broke off");
+        let mut event = b"event: error\ndata: ".to_vec();
+        event.extend_from_slice(&data);
+        event.extend_from_slice(b"\n\n");
+        if sink.write_piece(&event).is_ok() && matches!(sink.framing(), Framing::Chunked) {
+            let _client_may_be_gone = sink.finish();
+            return;
+        }
+    }
+    let _client_may_be_gone = sink.abort();
+}
+
+pub(crate) fn deliver_buffered(out: &mut ClientOut, answer: &Buffered) {
+    let headers: Vec<(&str, &[u8])> = answer
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    let framing = Framing::Length(answer.body.len() as u64);
+    if let Ok(mut sink) = out.start(answer.status, &headers, framing)
+        && sink.write_piece(&answer.body).is_ok()
+    {
+        let _client_may_be_gone = sink.finish();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::only_pings;
+
+    #[test]
+    fn only_ping_events_are_not_progress() {
+        let ping = b"event: ping\ndata: {\"type\": \"ping\"}\n\n";
+        assert!(only_pings(ping));
+        assert!(only_pings(&[&ping[..], &ping[..]].concat()));
+        let delta = b"event: content_block_delta\ndata: {}\n\n";
+        assert!(!only_pings(&[&ping[..], &delta[..]].concat()));
+        assert!(!only_pings(delta));
+        // The rest of an event begun in an earlier piece is progress.
+        assert!(!only_pings(b"\"text\":\"more\"}}\n\n"));
+    }
+}

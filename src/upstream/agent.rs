@@ -1,0 +1,244 @@
+//! The ureq agents that connect to upstreams: TLS roots, outbound proxies, timeouts, and
+//! the connection pool.
+//!
+//! Agents are configured for a proxy, not a browser: no redirects followed, 4xx/5xx
+//! returned as responses, no automatic `user-agent`, `accept` or `accept-encoding` (the
+//! client's own headers pass through; the proxy never asks for an encoding the client did
+//! not), no decompression. One agent (one connection pool) is shared by every endpoint that
+//! needs no CA file and no outbound proxy; the others get their own.
+
+use crate::config::validated::{Config, EndpointConfig};
+use crate::upstream::idle::IdleConnector;
+use std::time::Duration;
+use ureq::tls::{Certificate, RootCerts, TlsConfig};
+
+/// Ten years: long enough never to cut a stream.
+const NO_BODY_DEADLINE: Duration = Duration::from_secs(10 * 365 * 86_400);
+
+fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .user_agent("")
+        .accept("")
+        .accept_encoding("")
+        .allow_non_standard_methods(true)
+        // Proxies are chosen per endpoint below, as curl would, not by ureq's own reading
+        // of the environment (one proxy for every scheme).
+        .proxy(None)
+        .timeout_connect(Some(config.connect_timeout))
+        // Not a deadline: it only makes ureq label body reads `RecvBody`, which is how
+        // `idle::IdleTransport` knows to apply `idle_timeout` to them.
+        .timeout_recv_body(Some(NO_BODY_DEADLINE))
+        // ureq's default buffers are 128 KiB each way per upstream connection: 256 MiB for
+        // 1000 open streams. A response head must fit the input buffer (Anthropic's are
+        // 1-2 KiB; nginx's own limit is 4-8 KiB); request bodies go out in 8 KiB writes.
+        .input_buffer_size(UPSTREAM_INPUT_BUFFER)
+        .max_response_header_size(UPSTREAM_INPUT_BUFFER)
+        .output_buffer_size(8 * 1024)
+        // Every worker may hold one connection to the same upstream; a smaller pool would
+        // close connections that are needed again a moment later.
+        .max_idle_connections(4 * config.workers.max(64))
+        .max_idle_connections_per_host(config.workers.max(64))
+        .tls_config(
+            TlsConfig::builder()
+                .root_certs(RootCerts::PlatformVerifier)
+                .build(),
+        )
+}
+
+/// The largest upstream response head, and the read buffer of an upstream connection.
+const UPSTREAM_INPUT_BUFFER: usize = 8 * 1024;
+
+/// The agent shared by every endpoint without a CA file or an outbound proxy.
+pub fn shared_agent(config: &Config) -> ureq::Agent {
+    new_agent(base_config(config).build(), config)
+}
+
+/// Every upstream connection ends in `IdleConnector`, which bounds each body read.
+fn new_agent(agent_config: ureq::config::Config, config: &Config) -> ureq::Agent {
+    use ureq::unversioned::resolver::DefaultResolver;
+    use ureq::unversioned::transport::{Connector, DefaultConnector};
+    let connector = DefaultConnector::new().chain(IdleConnector {
+        idle: config.idle_timeout,
+    });
+    ureq::Agent::with_parts(agent_config, connector, DefaultResolver::default())
+}
+
+/// The agent for one endpoint: the shared one, or its own when it has a CA file or goes
+/// through an outbound proxy (those change how connections are made, so they cannot
+/// share a pool).
+pub fn agent_for(
+    config: &Config,
+    endpoint: &EndpointConfig,
+    shared: &ureq::Agent,
+) -> Result<ureq::Agent, String> {
+    let proxy = proxy_for(endpoint, &|name| std::env::var(name).ok());
+    if endpoint.ca_file.is_none() && proxy.is_none() {
+        return Ok(shared.clone());
+    }
+    let mut builder = base_config(config);
+    if let Some(path) = &endpoint.ca_file {
+        let roots = root_certs_with(path)?;
+        builder = builder.tls_config(TlsConfig::builder().root_certs(roots).build());
+    }
+    if let Some(url) = proxy {
+        let proxy = ureq::Proxy::new(&url)
+            .map_err(|e| format!("endpoint {}: proxy {url:?}: {e}", endpoint.name))?;
+        builder = builder.proxy(Some(proxy));
+    }
+    Ok(new_agent(builder.build(), config))
+}
+
+/// The endpoint's outbound proxy: its own `proxy`, else the environment as curl reads it:
+/// `https_proxy`/`HTTPS_PROXY` for an https upstream, `http_proxy` for an http one (curl
+/// ignores upper-case `HTTP_PROXY`, which a CGI request could set), then
+/// `all_proxy`/`ALL_PROXY`; none when `no_proxy`/`NO_PROXY` covers the upstream's host.
+pub fn proxy_for(
+    endpoint: &EndpointConfig,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Option<String> {
+    if let Some(own) = &endpoint.proxy {
+        return Some(own.clone());
+    }
+    let var = |names: &[&str]| {
+        names
+            .iter()
+            .find_map(|n| env(n).filter(|v| !v.trim().is_empty()))
+    };
+    let https = endpoint.base_url.starts_with("https://");
+    let scheme_proxy = if https {
+        var(&["https_proxy", "HTTPS_PROXY"])
+    } else {
+        var(&["http_proxy"])
+    };
+    let proxy = scheme_proxy.or_else(|| var(&["all_proxy", "ALL_PROXY"]))?;
+    let no_proxy = var(&["no_proxy", "NO_PROXY"]).unwrap_or_default();
+    (!no_proxy_covers(&no_proxy, host_of(&endpoint.base_url))).then_some(proxy)
+}
+
+/// The host of `scheme://host[:port]/…`, without brackets for IPv6.
+fn host_of(base_url: &str) -> &str {
+    let rest = base_url.split("://").nth(1).unwrap_or(base_url);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    if let Some(v6) = authority.strip_prefix('[') {
+        return v6.split(']').next().unwrap_or(v6);
+    }
+    authority.split(':').next().unwrap_or(authority)
+}
+
+/// curl's rule: `*` covers everything; `example.com` and `.example.com` cover that host and
+/// its subdomains; an IP covers that IP. Ports in entries are ignored.
+fn no_proxy_covers(list: &str, host: &str) -> bool {
+    let host = host.to_ascii_lowercase();
+    list.split(',').map(str::trim).any(|entry| {
+        let entry = entry.trim_start_matches('.').to_ascii_lowercase();
+        let entry = entry.split(':').next().unwrap_or("");
+        entry == "*"
+            || (!entry.is_empty() && (host == entry || host.ends_with(&format!(".{entry}"))))
+    })
+}
+
+/// The operating system's trust store (the PEM bundle OpenSSL would use) plus the
+/// endpoint's own CA file.
+fn root_certs_with(ca_file: &std::path::Path) -> Result<RootCerts, String> {
+    let mut certs = Vec::new();
+    let system = std::env::var("SSL_CERT_FILE")
+        .unwrap_or_else(|_| "/etc/ssl/certs/ca-certificates.crt".to_string());
+    if let Ok(pem) = std::fs::read(&system) {
+        certs.extend(pem_certs(&pem));
+    }
+    let pem = std::fs::read(ca_file).map_err(|e| format!("ca_file {}: {e}", ca_file.display()))?;
+    let own = pem_certs(&pem);
+    if own.is_empty() {
+        return Err(format!(
+            "ca_file {}: no PEM certificate in it",
+            ca_file.display()
+        ));
+    }
+    certs.extend(own);
+    Ok(RootCerts::new_with_certs(&certs))
+}
+
+fn pem_certs(pem: &[u8]) -> Vec<Certificate<'static>> {
+    ureq::tls::parse_pem(pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(c)) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::validated::{Config, Overrides};
+
+    fn endpoint(base_url: &str, proxy: Option<&str>) -> EndpointConfig {
+        let text = serde_json::json!({"endpoints": [{"base_url": base_url, "api_key": "k", "proxy": proxy}]});
+        let config =
+            Config::from_json(&text.to_string(), &Overrides::default(), &|_| None).unwrap();
+        config.endpoints[0].clone()
+    }
+
+    fn env<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn environment_proxies_follow_curl() {
+        let https = endpoint("https://api.example.com", None);
+        let http = endpoint("http://relay.example.com:8080", None);
+        let vars = [
+            ("HTTPS_PROXY", "http://secure:1"),
+            ("HTTP_PROXY", "http://upper:2"),
+            ("ALL_PROXY", "socks5://all:3"),
+        ];
+        assert_eq!(
+            proxy_for(&https, &env(&vars)).as_deref(),
+            Some("http://secure:1")
+        );
+        // Upper-case HTTP_PROXY is ignored; ALL_PROXY applies instead.
+        assert_eq!(
+            proxy_for(&http, &env(&vars)).as_deref(),
+            Some("socks5://all:3")
+        );
+        let lower = [("http_proxy", "http://lower:4")];
+        assert_eq!(
+            proxy_for(&http, &env(&lower)).as_deref(),
+            Some("http://lower:4")
+        );
+        assert_eq!(proxy_for(&https, &env(&lower)), None);
+    }
+
+    #[test]
+    fn no_proxy_and_an_endpoint_proxy_win() {
+        let https = endpoint("https://api.example.com", None);
+        let covered = [
+            ("HTTPS_PROXY", "http://p:1"),
+            ("NO_PROXY", "localhost, .example.com"),
+        ];
+        assert_eq!(proxy_for(&https, &env(&covered)), None);
+        let other = [
+            ("HTTPS_PROXY", "http://p:1"),
+            ("no_proxy", "example.org,api.example"),
+        ];
+        assert_eq!(
+            proxy_for(&https, &env(&other)).as_deref(),
+            Some("http://p:1")
+        );
+        let own = endpoint("https://api.example.com", Some("socks5://own:9"));
+        assert_eq!(
+            proxy_for(&own, &env(&covered)).as_deref(),
+            Some("socks5://own:9")
+        );
+        assert!(no_proxy_covers("*", "anything"));
+        assert_eq!(host_of("http://[::1]:8080/v1"), "::1");
+        assert_eq!(host_of("https://user@host.example:443"), "host.example");
+    }
+}
