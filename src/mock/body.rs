@@ -2,7 +2,7 @@
 //! byte-for-byte deterministic; `Reply`, a complete answer with a fixed body; header values
 //! made safe.
 
-use crate::mock::options::{Message, Options};
+use crate::mock::options::{Message, Options, Usage};
 use serde_json::Value;
 
 pub(super) const FAULT_MESSAGE: &str = "mock fault";
@@ -45,18 +45,45 @@ fn error_json(status: u16, message: &str) -> String {
     )
 }
 
-pub(super) fn message_json(message: &Message, input_tokens: usize) -> String {
+/// The usage an answer reports: the request's `x-mock-usage`, else the estimate (input
+/// from the body's size, output from the text's).
+fn usage_of(options: &Options, input_tokens: usize, text: &str) -> Usage {
+    options.usage.unwrap_or(Usage {
+        input: input_tokens as u64,
+        output: token_estimate(text) as u64,
+        ..Usage::default()
+    })
+}
+
+/// A `usage` object; the cache counts only when there are some, as the real API omits
+/// nothing but older relays do.
+fn usage_json(usage: &Usage, output: u64) -> String {
+    let cache = if usage.cache_creation + usage.cache_read > 0 {
+        format!(
+            r#""cache_creation_input_tokens":{},"cache_read_input_tokens":{},"#,
+            usage.cache_creation, usage.cache_read
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        r#"{{"input_tokens":{},{cache}"output_tokens":{output}}}"#,
+        usage.input
+    )
+}
+
+pub(super) fn message_json(message: &Message, input_tokens: usize, options: &Options) -> String {
     let text = message.echo();
+    let usage = usage_of(options, input_tokens, &text);
     format!(
         concat!(
             r#"{{"id":"msg_mock","type":"message","role":"assistant","model":{model},"#,
             r#""content":[{{"type":"text","text":{text}}}],"stop_reason":"end_turn","#,
-            r#""stop_sequence":null,"usage":{{"input_tokens":{input},"output_tokens":{output}}}}}"#
+            r#""stop_sequence":null,"usage":{usage}}}"#
         ),
         model = json_string(&message.model),
         text = json_string(&text),
-        input = input_tokens,
-        output = token_estimate(&text),
+        usage = usage_json(&usage, usage.output),
     )
 }
 
@@ -72,14 +99,16 @@ pub(super) fn message_events(
     options: &Options,
 ) -> Vec<String> {
     let text = padded_text(&message.echo(), options.deltas, options.event_bytes);
+    let usage = usage_of(options, input_tokens, &text);
+    // The opening reports one output token; the delta the cumulative count, as the API does.
     let start = format!(
         concat!(
             r#"{{"type":"message_start","message":{{"id":"msg_mock","type":"message","#,
             r#""role":"assistant","model":{model},"content":[],"stop_reason":null,"#,
-            r#""stop_sequence":null,"usage":{{"input_tokens":{input},"output_tokens":1}}}}}}"#
+            r#""stop_sequence":null,"usage":{usage}}}}}"#
         ),
         model = json_string(&message.model),
-        input = input_tokens,
+        usage = usage_json(&usage, 1),
     );
     let mut events = Vec::with_capacity(options.deltas + 5);
     events.push(sse_event("message_start", &start));
@@ -100,7 +129,7 @@ pub(super) fn message_events(
     ));
     let delta = format!(
         r#"{{"type":"message_delta","delta":{{"stop_reason":"end_turn","stop_sequence":null}},"usage":{{"output_tokens":{}}}}}"#,
-        token_estimate(&text)
+        usage.output
     );
     events.push(sse_event("message_delta", &delta));
     events.push(sse_event("message_stop", r#"{"type":"message_stop"}"#));

@@ -31,6 +31,14 @@
 //! - `x-mock-event-bytes: N`: pads the streamed text with `.` so that each delta carries
 //!   about N bytes (default: no padding, the deltas split the echo text).
 //! - `x-mock-delay-ms: N`: the delay before each SSE event (default 0).
+//! - `x-mock-usage: input=N,output=N,cache_creation=N,cache_read=N` (any subset): the
+//!   usage a message reports, in its JSON body, or split over a stream as the API does
+//!   (`message_start` with the input side and one output token, `message_delta` with the
+//!   cumulative output). Without it: input from the body's size, output from the text's.
+//!
+//! # Headers on every answer
+//! [`MockUpstream::set_headers`] adds fields to every later answer, a fault's included:
+//! rate-limit headers (`anthropic-ratelimit-*`) that say what an account has left.
 //!
 //! # Counters
 //! Each complete request adds one to [`MockUpstream::requests`] and to at most one of
@@ -133,6 +141,19 @@ impl MockUpstream {
             control.permits = control.permits.saturating_add(n);
         }
         self.shared.wake.notify_all();
+    }
+
+    /// Header fields every later answer carries, whatever its status (rate-limit headers,
+    /// say); replaces the previous set. Names are kept to token characters, values lose
+    /// control characters.
+    pub fn set_headers(&self, headers: &[(&str, &str)]) {
+        let token = |c: &char| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(*c);
+        let safe = headers
+            .iter()
+            .map(|(n, v)| (n.chars().filter(token).collect(), header_safe(v)))
+            .filter(|(n, _): &(String, String)| !n.is_empty())
+            .collect();
+        *self.shared.headers.lock() = safe;
     }
 
     /// When on, `count_tokens` answers 404 `not_found_error`, counted neither as a success

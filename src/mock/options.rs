@@ -16,6 +16,40 @@ pub(super) struct Options {
     pub(super) deltas: usize,
     pub(super) event_bytes: usize,
     pub(super) delay: Duration,
+    /// `x-mock-usage`: the usage the answer reports instead of the estimate.
+    pub(super) usage: Option<Usage>,
+}
+
+/// Token counts an answer reports: `x-mock-usage: input=25,output=15,cache_creation=7,
+/// cache_read=11` (any subset; the rest are 0).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Usage {
+    pub(super) input: u64,
+    pub(super) output: u64,
+    pub(super) cache_creation: u64,
+    pub(super) cache_read: u64,
+}
+
+impl Usage {
+    fn parse(value: &str) -> Result<Usage, String> {
+        let mut usage = Usage::default();
+        for part in value.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (name, number) = part.split_once('=').unwrap_or((part, ""));
+            let number: u64 = number
+                .trim()
+                .parse()
+                .map_err(|_| format!("x-mock-usage: {part:?} is not name=number"))?;
+            let slot = match name.trim() {
+                "input" => &mut usage.input,
+                "output" => &mut usage.output,
+                "cache_creation" => &mut usage.cache_creation,
+                "cache_read" => &mut usage.cache_read,
+                other => return Err(format!("x-mock-usage: unknown count {other:?}")),
+            };
+            *slot = number;
+        }
+        Ok(usage)
+    }
 }
 
 impl Options {
@@ -32,7 +66,9 @@ impl Options {
         if deltas > MAX_DELTA_EVENTS || text_bytes > MAX_STREAM_TEXT_BYTES {
             return Err("x-mock-events / x-mock-event-bytes too large".to_string());
         }
+        let usage = request.header("x-mock-usage").map(Usage::parse).transpose()?;
         Ok(Options {
+            usage,
             fault,
             deltas,
             event_bytes,
@@ -105,6 +141,25 @@ fn content_text(message: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_reads_any_subset_of_the_four_counts() {
+        let usage = Usage::parse("input=25, output=15,cache_creation=7,cache_read=11");
+        let all = Usage {
+            input: 25,
+            output: 15,
+            cache_creation: 7,
+            cache_read: 11,
+        };
+        assert_eq!(usage, Ok(all));
+        let only = Usage {
+            output: 3,
+            ..Usage::default()
+        };
+        assert_eq!(Usage::parse("output=3"), Ok(only));
+        assert!(Usage::parse("outputs=3").is_err());
+        assert!(Usage::parse("output=-3").is_err());
+    }
 
     #[test]
     fn last_user_text_reads_strings_and_blocks() {

@@ -105,6 +105,7 @@ fn serve_one(shared: &Shared, conn: &mut Conn) -> io::Result<Next> {
                 name: shared.name.lock().clone(),
                 close: true,
                 head_only: false,
+                headers: Vec::new(),
                 seen: 0,
             };
             return write_reply(conn, &error_reply(status, message), &exchange);
@@ -114,6 +115,7 @@ fn serve_one(shared: &Shared, conn: &mut Conn) -> io::Result<Next> {
         name: shared.name.lock().clone(),
         close: request.wants_close(),
         head_only: request.method == "HEAD",
+        headers: shared.headers.lock().clone(),
         // Taken before the fault is: a change between the two is seen as a change.
         seen: shared.generation(),
     };

@@ -29,6 +29,8 @@ pub(super) struct Shared {
     stopped: AtomicBool,
     pub(super) name: Mutex<String>,
     pub(super) count_tokens_404: AtomicBool,
+    /// Header fields every answer carries (`MockUpstream::set_headers`).
+    pub(super) headers: Mutex<Vec<(String, String)>>,
     pub(super) counters: Counters,
     pub(super) recorded: Mutex<RecordLog>,
     /// Clones of open sockets, shut down at stop to end blocked reads and writes.
@@ -102,6 +104,7 @@ impl Shared {
             stopped: AtomicBool::new(false),
             name: Mutex::new(header_safe(name)),
             count_tokens_404: AtomicBool::new(false),
+            headers: Mutex::new(Vec::new()),
             counters: Counters::default(),
             recorded: Mutex::new(RecordLog::default()),
             conns: Mutex::new(HashMap::new()),

@@ -18,6 +18,8 @@ pub(super) struct Exchange {
     pub(super) name: String,
     pub(super) close: bool,
     pub(super) head_only: bool,
+    /// Fields every answer carries, as `set_headers` had them when the request came.
+    pub(super) headers: Vec<(String, String)>,
     /// The fault generation this request was planned under: a wait (hang, gate) ends on
     /// a change after it, even one made before the wait began.
     pub(super) seen: u64,
@@ -77,7 +79,13 @@ fn head(status: u16, fields: &[(&str, &str)], exchange: &Exchange) -> Vec<u8> {
     let connection = [("connection", "close")];
     let close_field: &[(&str, &str)] = if exchange.close { &connection } else { &[] };
     let name_field = [("x-mock-upstream", exchange.name.as_str())];
-    for (name, value) in fields.iter().chain(&name_field).chain(close_field) {
+    let extra: Vec<(&str, &str)> = exchange
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let all = fields.iter().chain(&extra).chain(&name_field).chain(close_field);
+    for (name, value) in all {
         for part in [*name, ": ", *value, "\r\n"] {
             text.push_str(part);
         }
