@@ -150,22 +150,32 @@ fn count(value: &str) -> Option<u64> {
 
 /// Unix seconds, whole or with a fraction.
 fn unix_time(value: &str) -> Option<SystemTime> {
-    let seconds = fraction(value)?;
+    let seconds = decimal(value)?;
     UNIX_EPOCH.checked_add(Duration::try_from_secs_f64(seconds).ok()?)
 }
 
-/// A non-negative decimal number (digits, at most one dot): no sign, exponent or `NaN`.
 fn fraction(value: &str) -> Option<f64> {
+    decimal(value).filter(|f| f.is_finite())
+}
+
+/// A non-negative decimal number as upstreams write waits and times: ASCII digits, at most
+/// one dot; no sign, exponent, `inf` or `NaN`. So many digits may parse to infinity (never
+/// to NaN): the caller bounds it.
+pub fn decimal(value: &str) -> Option<f64> {
     let (whole, part) = value.split_once('.').unwrap_or((value, "0"));
     let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
     if !digits(whole) || !digits(part) {
         return None;
     }
-    value.parse().ok().filter(|f: &f64| f.is_finite())
+    value.parse().ok()
 }
 
 fn printable(value: &str) -> String {
-    value.chars().filter(|c| c.is_ascii_graphic()).take(32).collect()
+    value
+        .chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(32)
+        .collect()
 }
 
 #[cfg(test)]
@@ -208,9 +218,15 @@ mod tests {
         assert_eq!(report.tokens_remaining(), Some(7000));
         assert_eq!(report.unified_status.as_deref(), Some("allowed_warning"));
         assert_eq!(report.unified_reset, Some(at(1_796_241_600)));
-        assert_eq!((report.utilization_5h, report.utilization_7d), (Some(0.42), Some(0.9)));
+        assert_eq!(
+            (report.utilization_5h, report.utilization_7d),
+            (Some(0.42), Some(0.9))
+        );
         assert!(!report.is_rejected());
-        assert_eq!(Report::from_headers(&headers(&[("retry-after", "2")])), None);
+        assert_eq!(
+            Report::from_headers(&headers(&[("retry-after", "2")])),
+            None
+        );
     }
 
     #[test]
@@ -221,7 +237,10 @@ mod tests {
             ("anthropic-ratelimit-requests-reset", "tomorrow"),
             ("anthropic-ratelimit-unified-reset", "NaN"),
             ("anthropic-ratelimit-unified-5h-utilization", "inf"),
-            ("anthropic-ratelimit-unified-status", "rej\tected and more text than fits"),
+            (
+                "anthropic-ratelimit-unified-status",
+                "rej\tected and more text than fits",
+            ),
             ("anthropic-ratelimit-bogus-remaining", "0"),
             ("anthropic-ratelimit-requests-remaining-extra", "0"),
         ]))
@@ -229,14 +248,23 @@ mod tests {
         assert_eq!(report.requests, Limit::default());
         assert_eq!(report.tokens_remaining(), None);
         assert_eq!((report.unified_reset, report.utilization_5h), (None, None));
-        assert_eq!(report.unified_status.as_deref(), Some("rejectedandmoretextthanfits"));
+        assert_eq!(
+            report.unified_status.as_deref(),
+            Some("rejectedandmoretextthanfits")
+        );
         assert_eq!(report.skip_for(0, Duration::from_secs(30), at(0)), None);
-        let huge = headers(&[("anthropic-ratelimit-unified-reset", "99999999999999999999999")]);
+        let huge = headers(&[(
+            "anthropic-ratelimit-unified-reset",
+            "99999999999999999999999",
+        )]);
         assert_eq!(Report::from_headers(&huge).unwrap().unified_reset, None);
         let mut latin1 = HeaderMap::new();
         let value = HeaderValue::from_bytes(b"\xff0").unwrap();
         latin1.append("anthropic-ratelimit-requests-remaining", value);
-        assert_eq!(Report::from_headers(&latin1).unwrap().requests.remaining, None);
+        assert_eq!(
+            Report::from_headers(&latin1).unwrap().requests.remaining,
+            None
+        );
     }
 
     #[test]
@@ -252,11 +280,20 @@ mod tests {
             requests: spent(0, 1_000_010),
             ..Report::default()
         };
-        assert_eq!(report.skip_for(0, default, now), Some(Duration::from_secs(10)));
+        assert_eq!(
+            report.skip_for(0, default, now),
+            Some(Duration::from_secs(10))
+        );
         assert_eq!(report.reset(0), Some(at(1_000_010)));
         report.tokens = spent(500, 1_000_040);
-        assert_eq!(report.skip_for(0, default, now), Some(Duration::from_secs(10)));
-        assert_eq!(report.skip_for(500, default, now), Some(Duration::from_secs(40)));
+        assert_eq!(
+            report.skip_for(0, default, now),
+            Some(Duration::from_secs(10))
+        );
+        assert_eq!(
+            report.skip_for(500, default, now),
+            Some(Duration::from_secs(40))
+        );
         assert_eq!(report.reset(500), Some(at(1_000_040)));
         // Not spent: the earliest reset is shown.
         report.requests.remaining = Some(5);

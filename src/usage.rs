@@ -58,7 +58,10 @@ impl Usage {
         let fields = [
             ("input_tokens", &mut self.input_tokens),
             ("output_tokens", &mut self.output_tokens),
-            ("cache_creation_input_tokens", &mut self.cache_creation_input_tokens),
+            (
+                "cache_creation_input_tokens",
+                &mut self.cache_creation_input_tokens,
+            ),
             ("cache_read_input_tokens", &mut self.cache_read_input_tokens),
         ];
         for (name, slot) in fields {
@@ -85,6 +88,8 @@ const LINE_CAP: usize = 64 * 1024;
 /// Reads usage from an answer's bytes as they pass.
 pub enum Meter {
     Off,
+    /// A whole body already read (`feed_whole`).
+    Counted(Option<Counted>),
     /// A JSON body, kept up to `JSON_CAP`.
     Json(Vec<u8>),
     Events(Events),
@@ -103,10 +108,19 @@ impl Meter {
     /// Reads a piece of the body, already written to the client.
     pub fn feed(&mut self, piece: &[u8]) {
         match self {
-            Meter::Off => {}
+            Meter::Off | Meter::Counted(_) => {}
             Meter::Json(body) if body.len() + piece.len() > JSON_CAP => *self = Meter::Off,
             Meter::Json(body) => body.extend_from_slice(piece),
             Meter::Events(events) => events.feed(piece),
+        }
+    }
+
+    /// Reads a body that came whole (read before the commit point), where it lies: a JSON
+    /// body of up to 8 MiB is parsed without being copied.
+    pub fn feed_whole(&mut self, body: &[u8]) {
+        match self {
+            Meter::Json(kept) if kept.is_empty() => *self = Meter::Counted(from_json(body)),
+            _ => self.feed(body),
         }
     }
 
@@ -114,6 +128,7 @@ impl Meter {
     pub fn finish(self) -> Option<Counted> {
         match self {
             Meter::Off => None,
+            Meter::Counted(counted) => counted,
             Meter::Json(body) => from_json(&body),
             Meter::Events(events) => events.counted,
         }
@@ -132,7 +147,11 @@ pub fn from_json(body: &[u8]) -> Option<Counted> {
     let mut usage = Usage::default();
     usage.update(&message.usage?);
     Some(Counted {
-        model: message.model.as_ref().and_then(Value::as_str).map(model_name),
+        model: message
+            .model
+            .as_ref()
+            .and_then(Value::as_str)
+            .map(model_name),
         usage,
     })
 }
@@ -277,19 +296,23 @@ fn model_name(model: &str) -> String {
         .filter(|c| c.is_ascii_graphic())
         .take(64)
         .collect();
-    if name.is_empty() { "unknown".into() } else { name }
+    if name.is_empty() {
+        "unknown".into()
+    } else {
+        name
+    }
 }
 
 /// An endpoint's usage is kept for at most this many models; the rest count as `other`
 /// (a relay naming a new model in every answer must not grow memory or metrics).
 const MAX_MODELS: usize = 32;
 
-/// An endpoint's usage: per model since start, and the current UTC day's total.
+/// An endpoint's usage by model: since start, and on the current UTC day.
 #[derive(Clone, Debug, Default)]
 pub struct Book {
     by_model: BTreeMap<String, Usage>,
     day: u64,
-    today: Usage,
+    today: BTreeMap<String, Usage>,
 }
 
 impl Book {
@@ -300,29 +323,36 @@ impl Book {
         self.by_model.entry(key.to_string()).or_default().add(usage);
         if day != self.day {
             self.day = day;
-            self.today = Usage::default();
+            self.today.clear();
         }
-        self.today.add(usage);
+        self.today.entry(key.to_string()).or_default().add(usage);
     }
 
     pub fn by_model(&self) -> &BTreeMap<String, Usage> {
         &self.by_model
     }
 
-    pub fn total(&self) -> Usage {
-        let mut total = Usage::default();
-        self.by_model.values().for_each(|u| total.add(u));
-        total
-    }
-
-    /// The usage of UTC day `day` (zero once that day is over).
-    pub fn today(&self, day: u64) -> Usage {
+    /// UTC day `day`'s usage by model (none once that day is over).
+    pub fn today(&self, day: u64) -> BTreeMap<String, Usage> {
         if day == self.day {
-            self.today
+            self.today.clone()
         } else {
-            Usage::default()
+            BTreeMap::new()
         }
     }
+}
+
+/// The sum over models.
+pub fn total(by_model: &BTreeMap<String, Usage>) -> Usage {
+    let mut total = Usage::default();
+    by_model.values().for_each(|u| total.add(u));
+    total
+}
+
+/// The UTC day number (days since 1970-01-01) of `t`: the "today" of usage.
+pub fn utc_day(t: std::time::SystemTime) -> u64 {
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    since.as_secs() / 86_400
 }
 
 /// USD per million tokens of each kind, for one model (config `prices`).
@@ -405,7 +435,11 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
     fn pieces_split_anywhere_count_the_same() {
         let bytes = STREAM.as_bytes();
         for cut in 0..bytes.len() {
-            assert_eq!(metered(&[&bytes[..cut], &bytes[cut..]]), Some(expected()), "{cut}");
+            assert_eq!(
+                metered(&[&bytes[..cut], &bytes[cut..]]),
+                Some(expected()),
+                "{cut}"
+            );
         }
         let bytes_one_by_one: Vec<&[u8]> = bytes.chunks(1).collect();
         assert_eq!(metered(&bytes_one_by_one), Some(expected()));
@@ -444,7 +478,12 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         meter.feed(a);
         meter.feed(b);
         assert_eq!(meter.finish(), Some(expected()));
-        assert_eq!(from_json(br#"{"usage":{"input_tokens":-1,"output_tokens":2.5}}"#).unwrap().usage, Usage::default());
+        assert_eq!(
+            from_json(br#"{"usage":{"input_tokens":-1,"output_tokens":2.5}}"#)
+                .unwrap()
+                .usage,
+            Usage::default()
+        );
         assert_eq!(from_json(b"not json"), None);
         let mut big = Meter::for_answer(false, true);
         big.feed(&vec![b' '; JSON_CAP]);
@@ -464,10 +503,11 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         }
         assert_eq!(book.by_model().len(), MAX_MODELS + 1);
         assert_eq!(book.by_model()["other"].input_tokens, 5);
-        assert_eq!(book.total().input_tokens, MAX_MODELS as u64 + 5);
-        assert_eq!(book.today(100).input_tokens, MAX_MODELS as u64 + 5);
+        assert_eq!(total(book.by_model()).input_tokens, MAX_MODELS as u64 + 5);
+        assert_eq!(total(&book.today(100)).input_tokens, MAX_MODELS as u64 + 5);
         book.add("m0", &one, 101);
-        assert_eq!((book.today(100), book.today(101)), (Usage::default(), one));
+        assert_eq!(book.today(100), BTreeMap::new());
+        assert_eq!(book.today(101), BTreeMap::from([("m0".to_string(), one)]));
         assert_eq!(book.by_model()["m0"].input_tokens, 2);
     }
 
@@ -484,7 +524,10 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
             ("claude-sonnet".to_string(), price(3.0)),
             ("claude-sonnet-4-20250514".to_string(), price(4.0)),
         ]);
-        assert_eq!(price_of(&prices, "claude-sonnet-4-20250514").unwrap().input, 4.0);
+        assert_eq!(
+            price_of(&prices, "claude-sonnet-4-20250514").unwrap().input,
+            4.0
+        );
         assert_eq!(price_of(&prices, "claude-sonnet-4-5").unwrap().input, 3.0);
         assert_eq!(price_of(&prices, "claude-haiku").unwrap().input, 1.0);
         assert!(price_of(&prices, "gpt").is_none());

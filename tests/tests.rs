@@ -21,6 +21,7 @@ mod mock_upstream;
 mod observability;
 mod outbound_proxy;
 mod passthrough;
+mod quota_usage;
 mod recovery;
 mod soak;
 mod status_page;

@@ -5,12 +5,14 @@
 //! checks every value. Errors name the file and the field (or the line and column, for JSON
 //! syntax) and say what is wrong. Nothing else parses config.
 
+use crate::config::prices::validate_prices;
 use crate::config::secret::Secret;
 use crate::config::validated::{
     Auth, Config, EndpointConfig, Overrides, Probe, ProbeKind, Strategy,
 };
 use crate::endpoint_id::EndpointId;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
@@ -54,6 +56,11 @@ struct RawConfig {
     client_body_timeout: Option<f64>,
     keepalive_timeout: Option<f64>,
     max_connections: Option<usize>,
+    quota_reserve: Option<u64>,
+    prices: Option<BTreeMap<String, serde_json::Value>>,
+    /// A comment (`"//": "..."`): JSON has none of its own.
+    #[serde(rename = "//")]
+    _comment: Option<serde_json::Value>,
     endpoints: Vec<RawEndpoint>,
 }
 
@@ -238,6 +245,8 @@ fn validate(
         )?,
         keepalive_timeout: positive_seconds("keepalive_timeout", raw.keepalive_timeout, 75.0)?,
         max_connections,
+        quota_reserve: raw.quota_reserve.unwrap_or(0),
+        prices: validate_prices(raw.prices)?,
         endpoints,
     })
 }

@@ -4,7 +4,9 @@
 
 use crate::config::secret::Secret;
 use crate::endpoint_id::EndpointId;
+use crate::usage::Price;
 use serde::Deserialize;
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -112,6 +114,11 @@ pub struct Config {
     pub keepalive_timeout: Duration,
     /// Open client connections at most; idle ones make room for new ones.
     pub max_connections: usize,
+    /// An endpoint whose last answer left this many requests or tokens or fewer is skipped
+    /// until the reset the answer named.
+    pub quota_reserve: u64,
+    /// USD per million tokens by model, for estimated costs (empty: no costs shown).
+    pub prices: BTreeMap<String, Price>,
     pub endpoints: Vec<EndpointConfig>,
 }
 

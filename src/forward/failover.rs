@@ -7,6 +7,7 @@
 //! length is read whole before it is committed, and an event stream is held back only
 //! until its first event has been seen.
 
+use crate::forward::account;
 use crate::forward::answer::{self, Buffered, Prepared};
 use crate::forward::rewrite::{estimate_tokens, is_count_tokens};
 use crate::forward::stream::{commit, deliver_buffered};
@@ -16,6 +17,7 @@ use crate::state::health::Outcome;
 use crate::state::shared::{Generation, State};
 use crate::upstream::call::{self, Class, ClientRequest};
 use crate::upstream::idle;
+use crate::usage::Meter;
 use serde_json::json;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::Ordering;
@@ -187,6 +189,7 @@ fn give_up(
 
 /// Commits a ready answer and records it: a body already read whole before it is written
 /// (its outcome is known), a streamed one after its end (a break mid-stream is a failure).
+/// A success's token usage is read as it passes and counted once it has been written.
 fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out: &mut ClientOut) {
     let Ready {
         prepared,
@@ -194,12 +197,14 @@ fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out
         _in_flight,
     } = ready;
     let Some(elapsed) = success_after else {
-        commit(prepared, out, idle);
+        commit(prepared, out, idle, &mut Meter::Off);
         return;
     };
+    let mut meter = account::meter_for(&prepared);
     if prepared.rest.is_none() {
         state.record(endpoint, &Outcome::Success, elapsed);
-        commit(prepared, out, idle);
+        commit(prepared, out, idle, &mut meter);
+        account::count_usage(endpoint, meter);
         return;
     }
     if prepared.sse {
@@ -207,10 +212,11 @@ fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out
         // rule watch it from here.
         idle::set_deadline(None);
     }
-    let outcome = match commit(prepared, out, idle) {
+    let outcome = match commit(prepared, out, idle, &mut meter) {
         Some(reason) => Outcome::Failure(reason),
         None => Outcome::Success,
     };
+    account::count_usage(endpoint, meter);
     state.record(endpoint, &outcome, elapsed);
 }
 
@@ -371,6 +377,7 @@ fn attempt<'a>(
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     let (parts, body) = response.into_parts();
+    account::note_quota(config, endpoint, &parts.headers);
     let reader = body.into_reader();
     let failed = |state: &State, outcome: Outcome, answer: Buffered| {
         state.record(endpoint, &outcome, elapsed);

@@ -6,6 +6,7 @@
 use crate::forward::answer::{Buffered, PIECE, Prepared, body_error};
 use crate::server::http_out::{BodySink, ClientOut, Framing, error_body};
 use crate::upstream::idle;
+use crate::usage::Meter;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
@@ -14,8 +15,13 @@ use std::time::{Duration, Instant};
 /// upstream read at once (the upstream connection is dropped with the reader, not pooled)
 /// and is nobody's failure.
 /// A stream that carries nothing but `ping`s for `idle` is ended as broken: pings are not
-/// progress.
-pub(crate) fn commit(prepared: Prepared, out: &mut ClientOut, idle: Duration) -> Option<String> {
+/// progress. `meter` reads each piece after it was written (token usage).
+pub(crate) fn commit(
+    prepared: Prepared,
+    out: &mut ClientOut,
+    idle: Duration,
+    meter: &mut Meter,
+) -> Option<String> {
     let headers: Vec<(&str, &[u8])> = prepared
         .headers
         .iter()
@@ -33,8 +39,14 @@ pub(crate) fn commit(prepared: Prepared, out: &mut ClientOut, idle: Duration) ->
     };
     sent.ok()?;
     let end = match prepared.rest {
-        Some(reader) => pump(reader, &mut sink, prepared.sse.then_some(idle)),
-        None => Pump::Done,
+        Some(reader) => {
+            meter.feed(&prepared.prefix);
+            pump(reader, &mut sink, prepared.sse.then_some(idle), meter)
+        }
+        None => {
+            meter.feed_whole(&prepared.prefix);
+            Pump::Done
+        }
     };
     match end {
         Pump::Done => {
@@ -62,6 +74,7 @@ fn pump(
     mut reader: ureq::BodyReader<'static>,
     sink: &mut BodySink,
     ping_limit: Option<Duration>,
+    meter: &mut Meter,
 ) -> Pump {
     let mut piece = vec![0u8; PIECE];
     let mut progress_at = Instant::now();
@@ -79,6 +92,7 @@ fn pump(
         if sink.write_piece(&piece[..n]).is_err() {
             return Pump::ClientGone;
         }
+        meter.feed(&piece[..n]);
         match ping_limit {
             Some(limit) if only_pings(&piece[..n]) => {
                 if progress_at.elapsed() >= limit {

@@ -66,7 +66,10 @@ impl Options {
         if deltas > MAX_DELTA_EVENTS || text_bytes > MAX_STREAM_TEXT_BYTES {
             return Err("x-mock-events / x-mock-event-bytes too large".to_string());
         }
-        let usage = request.header("x-mock-usage").map(Usage::parse).transpose()?;
+        let usage = request
+            .header("x-mock-usage")
+            .map(Usage::parse)
+            .transpose()?;
         Ok(Options {
             usage,
             fault,

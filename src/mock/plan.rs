@@ -114,7 +114,10 @@ fn messages_answer(
             options.delay,
         ))
     } else {
-        Action::Reply(json_reply(200, message_json(message, input_tokens, options)))
+        Action::Reply(json_reply(
+            200,
+            message_json(message, input_tokens, options),
+        ))
     };
     (Outcome::Success, action)
 }

@@ -84,7 +84,11 @@ fn head(status: u16, fields: &[(&str, &str)], exchange: &Exchange) -> Vec<u8> {
         .iter()
         .map(|(n, v)| (n.as_str(), v.as_str()))
         .collect();
-    let all = fields.iter().chain(&extra).chain(&name_field).chain(close_field);
+    let all = fields
+        .iter()
+        .chain(&extra)
+        .chain(&name_field)
+        .chain(close_field);
     for (name, value) in all {
         for part in [*name, ": ", *value, "\r\n"] {
             text.push_str(part);

@@ -1,13 +1,16 @@
 //! One upstream endpoint at run time: its validated config, its health behind a
-//! `parking_lot::Mutex`, its run-time switches, and the ureq agent that reaches it.
+//! `parking_lot::Mutex`, its last quota report and its token usage (a lock each), its
+//! run-time switches, and the ureq agent that reaches it.
 //!
-//! Every read of the health returns an owned snapshot and every write is one call to
-//! `HealthStatus::record` under the lock: no guard ever leaves this module, so no lock can
-//! be held across network I/O by accident.
+//! Every read returns an owned snapshot and every write is one short call under one lock:
+//! no guard ever leaves this module, so no lock can be held across network I/O by
+//! accident, and no two of these locks are ever held together.
 
 use crate::config::validated::EndpointConfig;
+use crate::quota::Report;
 use crate::state::health::{HealthStatus, Outcome, Verdict};
 use crate::state::sync::Mutex;
+use crate::usage::{Book, Usage, utc_day};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
@@ -22,6 +25,16 @@ pub struct Endpoint {
     /// Recovery probes sent to this endpoint (qcc's `endpoint_verify_counts`).
     probes: AtomicU64,
     health: Mutex<HealthStatus>,
+    quota: Mutex<Quota>,
+    usage: Mutex<Book>,
+}
+
+/// The last rate-limit report an answer carried, and until when it keeps the endpoint
+/// out of rotation (not a failure: its health is untouched).
+#[derive(Clone, Debug, Default)]
+pub struct Quota {
+    pub report: Option<Report>,
+    pub skip_until: Option<Instant>,
 }
 
 impl fmt::Debug for Endpoint {
@@ -37,6 +50,8 @@ impl Endpoint {
             in_flight: AtomicUsize::new(0),
             probes: AtomicU64::new(0),
             health: Mutex::new(HealthStatus::default()),
+            quota: Mutex::new(Quota::default()),
+            usage: Mutex::new(Book::default()),
             config,
             agent,
         }
@@ -47,6 +62,8 @@ impl Endpoint {
     pub fn successor(&self, config: EndpointConfig, agent: ureq::Agent) -> Endpoint {
         let next = Endpoint::new(config, agent);
         *next.health.lock() = self.health();
+        *next.quota.lock() = self.quota();
+        *next.usage.lock() = self.usage();
         next.probes.store(self.probes(), Ordering::Relaxed);
         next
     }
@@ -80,6 +97,43 @@ impl Endpoint {
     /// Cooling down after a 429.
     pub fn is_cooling(&self, now: Instant) -> bool {
         self.health.lock().is_cooling(now)
+    }
+
+    /// Keeps an answer's rate-limit report. With `skip_for` (the wait the report asks
+    /// for), the endpoint is out of rotation until then; true when that starts a skip
+    /// (for the log line).
+    pub fn note_quota(&self, report: Report, skip_for: Option<Duration>) -> bool {
+        let now = Instant::now();
+        let skip_until = skip_for.and_then(|d| now.checked_add(d));
+        let mut quota = self.quota.lock();
+        let started = skip_until.is_some() && quota.skip_until.is_none_or(|t| t <= now);
+        *quota = Quota {
+            report: Some(report),
+            skip_until,
+        };
+        started
+    }
+
+    /// Out of rotation because its last answer said its quota is spent.
+    pub fn is_spent(&self, now: Instant) -> bool {
+        self.quota
+            .lock()
+            .skip_until
+            .is_some_and(|until| until > now)
+    }
+
+    pub fn quota(&self) -> Quota {
+        self.quota.lock().clone()
+    }
+
+    /// Adds one answer's token usage to the endpoint's book.
+    pub fn count_usage(&self, model: &str, usage: &Usage) {
+        let day = utc_day(SystemTime::now());
+        self.usage.lock().add(model, usage, day);
+    }
+
+    pub fn usage(&self) -> Book {
+        self.usage.lock().clone()
     }
 
     /// When the current trouble began (panic mode picks the oldest).

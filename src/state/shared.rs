@@ -140,7 +140,8 @@ impl State {
             .record(endpoint.id(), failed, elapsed, SystemTime::now());
     }
 
-    /// Eligible for normal traffic: enabled, not queued, not cooling down (`is_eligible`).
+    /// Eligible for normal traffic: enabled, not queued, not cooling down, quota not spent
+    /// (`is_eligible`).
     pub fn is_eligible(&self, endpoint: &Endpoint, now: Instant) -> bool {
         is_eligible(&self.queue, endpoint, now)
     }
@@ -231,14 +232,15 @@ fn quarantine(queue: &FailureQueue, endpoint: &Endpoint, reason: &str) -> bool {
     added
 }
 
-/// Eligible for normal traffic: enabled, not queued, not cooling down. The queue's lock,
-/// then the health's, one after the other. (A function of its parts for the same reason
-/// as `record_attempt`.)
+/// Eligible for normal traffic: enabled, not queued, not cooling down, quota not spent.
+/// The queue's lock, then the health's, then the quota's, one after the other. (A
+/// function of its parts for the same reason as `record_attempt`.)
 pub fn is_eligible(queue: &FailureQueue, endpoint: &Endpoint, now: Instant) -> bool {
     endpoint.is_enabled()
         && !endpoint.is_full()
         && !queue.contains(endpoint.id())
         && !endpoint.is_cooling(now)
+        && !endpoint.is_spent(now)
 }
 
 /// Builds a generation; an endpoint whose id was in the `previous` one keeps its health

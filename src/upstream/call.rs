@@ -2,6 +2,7 @@
 //! endpoint's key), one attempt, and the classification of what came back. The agents
 //! that make the connections are `agent`'s.
 
+use crate::quota::Report;
 use crate::state::endpoint::Endpoint;
 use std::time::{Duration, Instant, SystemTime};
 use ureq::http::{self, HeaderMap, HeaderName, HeaderValue};
@@ -186,13 +187,16 @@ pub fn classify(status: u16) -> Class {
     }
 }
 
-/// No cooldown is believed beyond a day: a bogus header must not retire an endpoint.
-pub const MAX_COOLDOWN: Duration = Duration::from_secs(86_400);
+/// No cooldown is believed beyond a day: a bogus header must not retire an endpoint (the
+/// same bound as a quota's skip).
+pub const MAX_COOLDOWN: Duration = crate::quota::MAX_WAIT;
 
 /// When a rate-limited endpoint may be used again: `retry-after` (seconds or HTTP date),
-/// else the earliest `anthropic-ratelimit-*-reset`, else the configured default; never
-/// more than `MAX_COOLDOWN` from `now`. A header that is not a number or a real date is
-/// ignored. The arithmetic is checked: whatever an upstream writes, this cannot panic.
+/// else the earliest `anthropic-ratelimit-*-reset`, else the configured default; and when
+/// the unified status is `rejected`, not before the unified reset (a subscription's limit
+/// outlasts any `retry-after`). Never more than `MAX_COOLDOWN` from `now`. A header that
+/// is not a number or a real date is ignored. The arithmetic is checked: whatever an
+/// upstream writes, this cannot panic.
 pub fn cooldown_until(headers: &HeaderMap, default: Duration, now: Instant) -> Instant {
     let wall = SystemTime::now();
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -208,9 +212,11 @@ pub fn cooldown_until(headers: &HeaderMap, default: Duration, now: Instant) -> I
             .min()
             .map(|t| wait_until(t, wall))
     };
+    let rejected = Report::from_headers(headers).and_then(|r| r.rejected_for(wall));
     let wait = from_retry_after
         .or_else(from_reset)
         .unwrap_or(default)
+        .max(rejected.unwrap_or_default())
         .min(MAX_COOLDOWN);
     now.checked_add(wait).unwrap_or(now)
 }
@@ -226,13 +232,7 @@ fn retry_after(value: &str, wall: SystemTime) -> Option<Duration> {
 /// one. A number too large for a `Duration` is a very long wait: `MAX_COOLDOWN`. A sign,
 /// an exponent, `inf` or `NaN` is not delay-seconds.
 fn delay_seconds(value: &str) -> Option<Duration> {
-    let (whole, fraction) = value.split_once('.').unwrap_or((value, "0"));
-    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    if !digits(whole) || !digits(fraction) {
-        return None;
-    }
-    // Digits and one dot always parse, to infinity at worst, never to NaN.
-    let seconds: f64 = value.parse().ok()?;
+    let seconds = crate::quota::decimal(value)?;
     Some(Duration::try_from_secs_f64(seconds).map_or(MAX_COOLDOWN, |d| d.min(MAX_COOLDOWN)))
 }
 

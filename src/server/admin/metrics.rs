@@ -7,6 +7,7 @@ use crate::state::endpoint::Endpoint;
 use crate::state::health::HealthStatus;
 use crate::state::histogram::{BUCKETS, Histogram};
 use crate::state::shared::State;
+use crate::usage::price_of;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
@@ -62,6 +63,8 @@ pub fn render(state: &State) -> String {
         &bare(load(&c.failovers)),
     );
     endpoint_families(&mut out, state);
+    usage_families(&mut out, state);
+    quota_families(&mut out, state);
     queue_families(&mut out, state);
     duration_histogram(&mut out, &c.latency);
     write_family(
@@ -140,6 +143,97 @@ fn endpoint_families(out: &mut String, state: &State) {
         "Recovery probes sent to an endpoint.",
         &per_endpoint(&|_, e| e.probes() as f64),
     );
+}
+
+/// Tokens by endpoint, model and kind (the contract's labels), and the estimated cost
+/// where the config prices the model.
+fn usage_families(out: &mut String, state: &State) {
+    let generation = state.current();
+    let prices = &generation.config.prices;
+    let mut tokens = Vec::new();
+    let mut costs = Vec::new();
+    for e in &generation.endpoints {
+        for (model, u) in e.usage().by_model() {
+            let labels = format!(
+                "endpoint=\"{}\",model=\"{}\"",
+                escape(e.name()),
+                escape(model)
+            );
+            for (kind, n) in u.kinds() {
+                tokens.push((format!("{labels},type=\"{kind}\""), n as f64));
+            }
+            if let Some(price) = price_of(prices, model) {
+                costs.push((labels, price.cost(u)));
+            }
+        }
+    }
+    write_family(
+        out,
+        "failover_proxy_tokens_total",
+        "counter",
+        "Tokens the upstreams reported using, by endpoint, model and kind.",
+        &tokens,
+    );
+    write_family(
+        out,
+        "failover_proxy_cost_usd_total",
+        "counter",
+        "Estimated cost in USD of those tokens, for the models the config prices.",
+        &costs,
+    );
+}
+
+/// The last rate-limit report of each endpoint that had one.
+fn quota_families(out: &mut String, state: &State) {
+    let generation = state.current();
+    let now = Instant::now();
+    let mut requests = Vec::new();
+    let mut tokens = Vec::new();
+    let mut utilization = Vec::new();
+    let mut spent = Vec::new();
+    for e in &generation.endpoints {
+        let labels = format!("endpoint=\"{}\",id=\"{}\"", escape(e.name()), e.id());
+        spent.push((labels.clone(), f64::from(u8::from(e.is_spent(now)))));
+        let Some(report) = e.quota().report else {
+            continue;
+        };
+        if let Some(n) = report.requests.remaining {
+            requests.push((labels.clone(), n as f64));
+        }
+        if let Some(n) = report.tokens_remaining() {
+            tokens.push((labels.clone(), n as f64));
+        }
+        for (window, value) in [("5h", report.utilization_5h), ("7d", report.utilization_7d)] {
+            if let Some(v) = value {
+                utilization.push((format!("{labels},window=\"{window}\""), v));
+            }
+        }
+    }
+    let families = [
+        (
+            "failover_proxy_quota_requests_remaining",
+            "Requests left, as an endpoint's last answer said.",
+            requests,
+        ),
+        (
+            "failover_proxy_quota_tokens_remaining",
+            "Tokens left under the tightest token limit, as an endpoint's last answer said.",
+            tokens,
+        ),
+        (
+            "failover_proxy_quota_utilization",
+            "A subscription window's utilization (a fraction), as an endpoint's last answer said.",
+            utilization,
+        ),
+        (
+            "failover_proxy_quota_spent",
+            "1 while an endpoint is skipped because its quota is spent.",
+            spent,
+        ),
+    ];
+    for (name, help, samples) in families {
+        write_family(out, name, "gauge", help, &samples);
+    }
 }
 
 fn queue_families(out: &mut String, state: &State) {

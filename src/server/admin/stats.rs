@@ -1,10 +1,12 @@
 //! `GET /__qcc__/stats`: qcc's stats and more, as JSON, from owned snapshots (each
 //! endpoint's health, its per-minute history and its next probe time).
 
-use crate::state::endpoint::{Endpoint, EndpointId};
+use crate::state::endpoint::{Endpoint, EndpointId, Quota};
 use crate::state::shared::State;
 use crate::time::{iso8601, unix_seconds};
+use crate::usage::{Book, Price, Usage, cost, total, utc_day};
 use serde_json::{Value, json};
+use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::time::{Instant, SystemTime};
 
@@ -60,6 +62,7 @@ pub(super) fn endpoint_stats(state: &State, e: &Endpoint, now: Instant) -> Value
         .filter(|&until| until > now)
         .map(|until| iso8601(wall + (until - now)));
     let next_probe_at = next_probe_at(state, e).map(|at| iso8601(wall_time(at, now, wall)));
+    let config = &state.current().config;
     json!({
         "id": e.id().to_string(),
         "name": e.name(),
@@ -83,6 +86,56 @@ pub(super) fn endpoint_stats(state: &State, e: &Endpoint, now: Instant) -> Value
         "cooldown_until": cooldown_until,
         "next_probe_at": next_probe_at,
         "history": history(state, e.id(), wall),
+        "usage": usage(&config.prices, &e.usage(), wall),
+        "quota": quota(&e.quota(), config.quota_reserve, now, wall),
+    })
+}
+
+/// Tokens since start and on the current UTC day, each by kind, with the estimated cost
+/// where `prices` prices the models; and since start by model.
+fn usage(prices: &BTreeMap<String, Price>, book: &Book, wall: SystemTime) -> Value {
+    let by_model: serde_json::Map<String, Value> = book
+        .by_model()
+        .iter()
+        .map(|(model, u)| {
+            let one = BTreeMap::from([(model.clone(), *u)]);
+            (model.clone(), usage_fields(prices, &one))
+        })
+        .collect();
+    let mut all = usage_fields(prices, book.by_model());
+    all["today"] = usage_fields(prices, &book.today(utc_day(wall)));
+    all["by_model"] = Value::Object(by_model);
+    all
+}
+
+fn usage_fields(prices: &BTreeMap<String, Price>, by_model: &BTreeMap<String, Usage>) -> Value {
+    let u = total(by_model);
+    json!({
+        "input_tokens": u.input_tokens,
+        "output_tokens": u.output_tokens,
+        "cache_creation_input_tokens": u.cache_creation_input_tokens,
+        "cache_read_input_tokens": u.cache_read_input_tokens,
+        "cost_usd": cost(prices, by_model),
+    })
+}
+
+/// The last rate-limit report (every field null until an answer carried one) and, while
+/// it keeps the endpoint out of rotation, until when.
+fn quota(quota: &Quota, reserve: u64, now: Instant, wall: SystemTime) -> Value {
+    let r = quota.report.clone().unwrap_or_default();
+    let skipped_until = quota
+        .skip_until
+        .filter(|&until| until > now)
+        .map(|until| iso8601(wall + (until - now)));
+    json!({
+        "requests_remaining": r.requests.remaining,
+        "tokens_remaining": r.tokens_remaining(),
+        "reset": r.reset(reserve).map(iso8601),
+        "unified_status": r.unified_status,
+        "unified_reset": r.unified_reset.map(iso8601),
+        "utilization_5h": r.utilization_5h,
+        "utilization_7d": r.utilization_7d,
+        "skipped_until": skipped_until,
     })
 }
 
