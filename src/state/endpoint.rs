@@ -101,17 +101,23 @@ impl Endpoint {
 
     /// Keeps an answer's rate-limit report. With `skip_for` (the wait the report asks
     /// for), the endpoint is out of rotation until then; true when that starts a skip
-    /// (for the log line).
+    /// (for the log line). While a skip lasts, a report that does not ask for one is
+    /// stale: it comes from a request sent before the endpoint was skipped (a skipped
+    /// endpoint gets no new ones), answered after the one that spent the quota, and must
+    /// not bring the endpoint back before its reset. A later skip extends the current one.
     pub fn note_quota(&self, report: Report, skip_for: Option<Duration>) -> bool {
         let now = Instant::now();
         let skip_until = skip_for.and_then(|d| now.checked_add(d));
         let mut quota = self.quota.lock();
-        let started = skip_until.is_some() && quota.skip_until.is_none_or(|t| t <= now);
+        let current = quota.skip_until.filter(|&t| t > now);
+        if current.is_some() && skip_until.is_none() {
+            return false;
+        }
         *quota = Quota {
             report: Some(report),
-            skip_until,
+            skip_until: skip_until.max(current),
         };
-        started
+        current.is_none() && skip_until.is_some()
     }
 
     /// Out of rotation because its last answer said its quota is spent.
@@ -194,5 +200,44 @@ pub struct InFlight<'a>(&'a Endpoint);
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quota::Limit;
+
+    fn report(remaining: u64) -> Report {
+        Report {
+            requests: Limit {
+                remaining: Some(remaining),
+                ..Limit::default()
+            },
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn a_stale_report_does_not_end_a_skip_and_a_later_one_extends_it() {
+        let config =
+            EndpointConfig::with_defaults("ep", "http://127.0.0.1:9", "sk-unit-1").unwrap();
+        let e = Endpoint::new(config, ureq::Agent::new_with_defaults());
+        let now = Instant::now();
+        assert!(!e.note_quota(report(5), None));
+        assert!(!e.is_spent(now));
+        // The answer that spends the quota starts the skip (and says so once).
+        assert!(e.note_quota(report(0), Some(Duration::from_secs(60))));
+        let until = e.quota().skip_until.unwrap();
+        // An answer to a request sent before it, with a request still left: stale.
+        assert!(!e.note_quota(report(1), None));
+        assert_eq!(e.quota().skip_until, Some(until));
+        assert_eq!(e.quota().report, Some(report(0)));
+        // A shorter skip does not shorten it; a longer one extends it, without a new start.
+        assert!(!e.note_quota(report(0), Some(Duration::from_secs(1))));
+        assert_eq!(e.quota().skip_until, Some(until));
+        assert!(!e.note_quota(report(0), Some(Duration::from_secs(120))));
+        assert!(e.quota().skip_until.unwrap() > until);
+        assert!(e.is_spent(Instant::now()));
     }
 }
