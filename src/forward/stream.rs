@@ -22,29 +22,33 @@ pub(crate) fn commit(
     idle: Duration,
     meter: &mut Meter,
 ) -> Option<String> {
-    let headers: Vec<(&str, &[u8])> = prepared
-        .headers
-        .iter()
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
-        .collect();
-    let mut sink = out
-        .start(prepared.status, &headers, prepared.framing)
-        .ok()?;
+    let Prepared {
+        status,
+        headers,
+        framing,
+        prefix,
+        rest,
+        sse,
+    } = prepared;
+    let mut sink = start(out, status, headers, framing)?;
     // The head goes out now, with the prefix if there is one: a stream's headers must
     // not wait for its next event.
-    let sent = if prepared.prefix.is_empty() {
+    let sent = if prefix.is_empty() {
         sink.flush()
     } else {
-        sink.write_piece(&prepared.prefix)
+        sink.write_piece(&prefix)
     };
     sent.ok()?;
-    let end = match prepared.rest {
+    let end = match rest {
         Some(reader) => {
-            meter.feed(&prepared.prefix);
-            pump(reader, &mut sink, prepared.sse.then_some(idle), meter)
+            meter.feed(&prefix);
+            // A stream may last minutes: what was held before the commit point (up to
+            // 64 KiB of preamble) is not kept for all that time.
+            drop(prefix);
+            pump(reader, &mut sink, sse.then_some(idle), meter)
         }
         None => {
-            meter.feed_whole(&prepared.prefix);
+            meter.feed_whole(&prefix);
             Pump::Done
         }
     };
@@ -55,10 +59,24 @@ pub(crate) fn commit(
         }
         Pump::ClientGone => None,
         Pump::UpstreamBroke(reason) => {
-            end_broken_body(sink, prepared.sse);
+            end_broken_body(sink, sse);
             Some(reason)
         }
     }
+}
+
+/// Writes the head; the header list is freed at once (a stream holds its thread for long).
+fn start(
+    out: &mut ClientOut,
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    framing: Framing,
+) -> Option<BodySink<'_>> {
+    let fields: Vec<(&str, &[u8])> = headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .collect();
+    out.start(status, &fields, framing).ok()
 }
 
 enum Pump {
