@@ -126,7 +126,7 @@ fn endpoint_families(out: &mut String, state: &State) {
         out,
         "failover_proxy_endpoint_eligible",
         "gauge",
-        "1 while an endpoint gets traffic (enabled, not queued, not cooling down).",
+        "1 while an endpoint gets traffic (enabled, not queued, not cooling down, quota not spent).",
         &per_endpoint(&|_, e| f64::from(u8::from(state.is_eligible(e, now)))),
     );
     write_family(
