@@ -211,7 +211,10 @@ fn a_rejected_429_keeps_the_endpoint_out_until_the_unified_reset() {
     // The 429's own cooldown lasts until the unified reset, not `retry-after`'s 2 s
     // (the quota's skip says the same: either alone keeps the endpoint out).
     let cooldown = stats["cooldown_until"].as_str().expect("cooling down");
-    assert!(cooldown > iso8601(reset - Duration::from_millis(1500)).as_str(), "{cooldown}");
+    assert!(
+        cooldown > iso8601(reset - Duration::from_millis(1500)).as_str(),
+        "{cooldown}"
+    );
     assert_eq!(stats["quota"]["unified_reset"], iso8601(reset));
     assert_eq!(stats["health_status"]["failed_requests"], 1);
     let returned = within(Duration::from_secs(5), || {
