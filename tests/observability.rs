@@ -1,5 +1,6 @@
 //! Stats, metrics, the admin API's access rule, and keys kept out of every output (issue 6).
 
+use crate::support::quota::{QuotaScene, utc_clock};
 use crate::support::*;
 use failover_proxy::mock::control::MockUpstream;
 use failover_proxy::mock::fault::Fault;
@@ -211,15 +212,11 @@ fn access_tokens_guard_the_proxy() {
 fn keys_never_appear_in_stats_metrics_status_or_logs() {
     let (proxy, _mocks) = busy_proxy();
     let (_, metrics_text) = get(&format!("{}/__qcc__/metrics", proxy.url));
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_failover-proxy"))
-        .args(["status", "--url", &proxy.url])
-        .output()
-        .unwrap();
-    assert!(status.status.success());
+    let status = status_command(&proxy.url);
     let outputs = [
         proxy.stats().to_string(),
         String::from_utf8_lossy(&metrics_text).into_owned(),
-        String::from_utf8_lossy(&status.stdout).into_owned(),
+        status.clone(),
         all_log_text(),
     ];
     for (i, text) in outputs.iter().enumerate() {
@@ -227,7 +224,76 @@ fn keys_never_appear_in_stats_metrics_status_or_logs() {
             assert!(!text.contains(&k), "output {i} holds a key");
         }
     }
-    assert!(String::from_utf8_lossy(&status.stdout).contains(&proxy.id(0)));
+    assert!(status.contains(&proxy.id(0)));
+}
+
+/// What `failover-proxy status --url <url>` prints (it must succeed).
+fn status_command(url: &str) -> String {
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_failover-proxy"))
+        .args(["status", "--url", url])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{}: {stderr}", run.status);
+    String::from_utf8(run.stdout).expect("UTF-8")
+}
+
+/// The text under `column` in `line`, up to the next column of `header` (or the end),
+/// spaces on the right cut off: the table's columns have fixed widths.
+fn cell<'a>(header: &str, line: &'a str, column: &str, next: &str) -> &'a str {
+    let from = header
+        .find(column)
+        .unwrap_or_else(|| panic!("no {column}: {header}"));
+    let to = header
+        .find(next)
+        .unwrap_or_else(|| panic!("no {next}: {header}"));
+    line.get(from..to.min(line.len())).unwrap_or("").trim_end()
+}
+
+/// `status` shows each endpoint's tokens today (with the cost when its models are priced)
+/// and what its last quota report said, and calls an endpoint skipped for its quota
+/// `spent`: five endpoints left in five different states by real answers.
+#[test]
+fn status_shows_tokens_today_and_each_endpoints_quota() {
+    let scene = QuotaScene::start();
+    let output = status_command(&scene.proxy.url);
+    eprintln!("{output}");
+    let lines: Vec<&str> = output.lines().collect();
+    assert_eq!(lines.len(), 7, "{output}");
+    assert!(
+        lines[0].starts_with("requests 4 (ok 4, failed 0), uptime "),
+        "{output}"
+    );
+    assert!(
+        lines[0].ends_with(", healthy endpoints 4/5, queued 0"),
+        "{output}"
+    );
+    let header = lines[1];
+    assert!(
+        header.ends_with("tokens today   quota                  last error"),
+        "{header}"
+    );
+    let spent = format!("SPENT until {}Z", utc_clock(scene.reset));
+    // The counts are right-aligned in six characters, so they line up; the cost follows.
+    let expected = [
+        ("ep0", "healthy", " 12.3k $0.04", "req 49 tok 7.0k"),
+        ("ep1", "healthy", "   950", "5h 42% 7d 90%"),
+        ("ep2", "spent", "    58 <$0.01", spent.as_str()),
+        ("ep3", "healthy", "  4.1M $13.50", "rejected"),
+        ("ep4", "unknown", "     0", ""),
+    ];
+    for (i, (line, (name, state, tokens, quota))) in lines[2..].iter().zip(expected).enumerate() {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[..2], [name, &scene.proxy.id(i)], "{line}");
+        assert_eq!(words[3], state, "{line}");
+        assert_eq!(
+            cell(header, line, "tokens today", "quota"),
+            tokens,
+            "{line}"
+        );
+        assert_eq!(cell(header, line, "quota", "last error"), quota, "{line}");
+        assert!(line.len() <= 110, "nothing after the quota: {line}");
+    }
 }
 
 #[test]

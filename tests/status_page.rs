@@ -1,11 +1,13 @@
-//! What the status page stands on (issue 17): the per-minute `history` and the
-//! `next_probe_at` of each endpoint in the stats, and the paths a browser asks for by
-//! itself (`/favicon.ico`, `/robots.txt`), which the proxy answers and never forwards.
+//! What the status page stands on (issue 17): the per-minute `history`, the
+//! `next_probe_at`, and the `usage` and `quota` (issue 16) of each endpoint in the stats,
+//! and the paths a browser asks for by itself (`/favicon.ico`, `/robots.txt`), which the
+//! proxy answers and never forwards.
 
+use crate::support::quota::QuotaScene;
 use crate::support::raw::RawClient;
 use crate::support::*;
 use failover_proxy::mock::fault::Fault;
-use failover_proxy::time::iso8601;
+use failover_proxy::time::{iso8601, parse_rfc3339};
 use serde_json::{Value, json};
 use std::time::{Duration, SystemTime};
 
@@ -183,4 +185,81 @@ fn the_status_page_is_served_with_its_own_icon_and_no_framing() {
         assert!(!html.contains("href=\"http"), "external asset");
     }
     assert_eq!(up.requests(), 0);
+}
+
+/// What the status page's "tokens today" and "quota" figures and its "quota spent until"
+/// badge stand on, exactly: each endpoint's `usage.today` and `quota` in the stats, left
+/// by real answers (see `QuotaScene`; `status_page_browser.rs` checks what Chromium shows).
+#[test]
+fn the_stats_carry_what_the_tokens_and_quota_figures_show() {
+    let scene = QuotaScene::start();
+    let stats = scene.proxy.stats();
+    let endpoint = |i: usize| endpoint_in(&stats, &scene.proxy.id(i));
+    let kinds = [
+        "input_tokens",
+        "output_tokens",
+        "cache_creation_input_tokens",
+        "cache_read_input_tokens",
+    ];
+    // Today's four kinds, and the cost at the scene's prices (none when the only model
+    // used has no price).
+    let usage = [
+        ([12_000, 250, 40, 10], Some(0.039903)),
+        ([900, 50, 0, 0], None),
+        ([25, 15, 7, 11], Some(0.00032955)),
+        ([4_000_000, 100_000, 0, 0], Some(13.5)),
+        ([0, 0, 0, 0], None),
+    ];
+    for (i, (counts, cost)) in usage.into_iter().enumerate() {
+        let today = &endpoint(i)["usage"]["today"];
+        let shown = kinds.map(|k| today[k].as_u64().expect(k));
+        assert_eq!(shown, counts, "ep{i}: {today}");
+        match (cost, today["cost_usd"].as_f64()) {
+            (Some(cost), Some(shown)) => assert!((shown - cost).abs() < 1e-12, "ep{i}: {today}"),
+            (None, None) => {}
+            _ => panic!("ep{i}: cost {cost:?}: {today}"),
+        }
+    }
+    let none = json!({"requests_remaining": null, "tokens_remaining": null, "reset": null,
+        "unified_status": null, "unified_reset": null, "utilization_5h": null,
+        "utilization_7d": null, "skipped_until": null});
+    let with = |fields: Value| {
+        let mut quota = none.clone();
+        for (k, v) in fields.as_object().unwrap() {
+            quota[k] = v.clone();
+        }
+        quota
+    };
+    let reset = iso8601(scene.reset);
+    let mut spent = endpoint(2)["quota"].clone();
+    let skipped_until = spent["skipped_until"].take();
+    let quotas = [
+        with(json!({"requests_remaining": 49, "tokens_remaining": 7000, "reset": reset})),
+        with(
+            json!({"unified_status": "allowed_warning", "unified_reset": iso8601(scene.unified_reset),
+            "utilization_5h": 0.42, "utilization_7d": 0.9}),
+        ),
+        with(json!({"requests_remaining": 0, "reset": reset})),
+        with(json!({"unified_status": "rejected", "unified_reset": iso8601(scene.passed_reset)})),
+        none.clone(),
+    ];
+    for (i, quota) in quotas.iter().enumerate() {
+        let shown = if i == 2 {
+            &spent
+        } else {
+            &endpoint(i)["quota"]
+        };
+        assert_eq!(shown, quota, "ep{i}");
+    }
+    // The skip ends at the reset the upstream named, give or take the microseconds of
+    // turning an `Instant` back into a wall time (the page rounds to the second).
+    let until = skipped_until.as_str().expect("ep2 is skipped");
+    let whole = parse_rfc3339(until).expect(until);
+    let millis: u64 = until[20..23].parse().expect(until);
+    let until = whole + Duration::from_millis(millis);
+    let off = until
+        .max(scene.reset)
+        .duration_since(until.min(scene.reset))
+        .unwrap();
+    assert!(off < Duration::from_millis(100), "{until:?} vs {reset}");
 }

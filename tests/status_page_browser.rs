@@ -10,6 +10,7 @@
 //! The click is a real one, sent over the DevTools protocol on `--remote-debugging-pipe`
 //! (file descriptors 3 and 4, messages ended by a NUL byte): no WebSocket client needed.
 
+use crate::support::quota::{QuotaScene, utc_clock};
 use crate::support::*;
 use failover_proxy::mock::fault::Fault;
 use serde_json::{Value, json};
@@ -46,7 +47,8 @@ fn chromium_is_installed() -> bool {
 }
 
 /// Flags for every run: headless, as root in CI (no sandbox), a profile of its own, and
-/// nothing that reaches beyond loopback by itself (updates, sync, pings).
+/// nothing that reaches beyond loopback by itself (updates, sync, pings). The page shows
+/// local clock times: in UTC, a test can say which.
 fn chromium(profile: &Path) -> Command {
     let mut command = Command::new(CHROMIUM);
     command
@@ -66,6 +68,7 @@ fn chromium(profile: &Path) -> Command {
             "--mute-audio",
         ])
         .arg(format!("--user-data-dir={}", profile.display()))
+        .env("TZ", "UTC")
         .stdin(Stdio::null());
     command
 }
@@ -224,6 +227,86 @@ fn the_status_page_shows_the_quarantine_and_its_retry_button_probes() {
     );
     let class = browser.evaluate(&tab, &format!("{message}.className"));
     assert_eq!(class, "error");
+}
+
+/// Each card shows its endpoint's tokens today (the four kinds in the title) and its quota
+/// report, and a skipped endpoint's badge says until when: five endpoints left in five
+/// states by real answers (see `QuotaScene`). Text from the DOM as Chromium writes it
+/// (`<` as `&lt;`).
+#[test]
+fn the_status_page_shows_tokens_today_and_each_quota() {
+    if !chromium_is_installed() {
+        return;
+    }
+    let scene = QuotaScene::start();
+    let page = format!("{}/__qcc__/", scene.proxy.url);
+    let dir = artefacts();
+    screenshot(&page, 375, 2400, &dir.join("status-page-quota-375.png"));
+    let dom = dump_dom(&page, &dir.join("status-page-quota-dom.html"));
+    let (reset, unified, passed) = (
+        utc_clock(scene.reset),
+        utc_clock(scene.unified_reset),
+        utc_clock(scene.passed_reset),
+    );
+    let kinds = |input, output, write, read| {
+        format!(
+            "today (UTC): input {input}, output {output}, cache write {write}, cache read {read}"
+        )
+    };
+    let expected = [
+        (
+            "healthy",
+            kinds(12000, 250, 40, 10),
+            "12.3k $0.04".to_string(),
+            format!("49 requests left, 7000 tokens left, resets at {reset}"),
+            format!("req 49 · tok 7.0k · reset {reset}"),
+        ),
+        (
+            "healthy",
+            kinds(900, 50, 0, 0),
+            "950".to_string(),
+            format!(
+                "42 % of the 5-hour window used, 90 % of the 7-day window used, subscription \
+                 status allowed_warning, resets at {unified}"
+            ),
+            format!("5h 42 % · 7d 90 % · reset {unified}"),
+        ),
+        (
+            &*format!("quota spent until {reset}"),
+            kinds(25, 15, 7, 11),
+            "58 &lt;$0.01".to_string(),
+            format!("0 requests left, resets at {reset}"),
+            format!("req 0 · reset {reset}"),
+        ),
+        (
+            "healthy",
+            kinds(4_000_000, 100_000, 0, 0),
+            "4.1M $13.50".to_string(),
+            format!("subscription status rejected, resets at {passed}"),
+            format!("rejected · reset {passed}"),
+        ),
+        (
+            "no traffic yet",
+            kinds(0, 0, 0, 0),
+            "0".to_string(),
+            "no answer has reported its rate limits yet".to_string(),
+            "–".to_string(),
+        ),
+    ];
+    for (i, (state, tokens_title, tokens, quota_title, quota)) in expected.iter().enumerate() {
+        let card = element_with_id(&dom, "article", &scene.proxy.id(i));
+        let tokens = format!("<dd class=\"tokens\" title=\"{tokens_title}\">{tokens}</dd>");
+        assert!(card.contains(&tokens), "ep{i}: {tokens} not in {card}");
+        let quota = format!("<dd class=\"quota\" title=\"{quota_title}\">{quota}</dd>");
+        assert!(card.contains(&quota), "ep{i}: {quota} not in {card}");
+        assert!(
+            card.contains(&format!(">{state}</span>")),
+            "ep{i}: {state}: {card}"
+        );
+    }
+    let spent = element_with_id(&dom, "article", &scene.proxy.id(2));
+    assert!(spent.contains("class=\"card c-spent\""), "{spent}");
+    assert!(spent.contains("<dt>tokens today</dt>") && spent.contains("<dt>quota</dt>"));
 }
 
 /// Headless Chromium driven over `--remote-debugging-pipe`: commands go to its fd 3,

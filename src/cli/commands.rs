@@ -1,5 +1,6 @@
-//! The command line: `serve`, `check`, `demo`. Parsing is clap's; each command is a
-//! function that returns a `CliError` whose kind decides the exit code.
+//! The command line: clap's parsing, and the small commands (`serve`, `check`, `mock`);
+//! `demo`, `status` and `import-qcc` have files of their own. Each command is a function
+//! that returns a `CliError` whose kind decides the exit code.
 
 use crate::cli::error::CliError;
 use crate::config::load::ConfigError;
@@ -96,7 +97,7 @@ pub fn run() -> Result<(), CliError> {
         } => serve(&config, Overrides { listen, workers }, log_level, log_file),
         Command::Check { config, probe } => check(&config, probe),
         Command::Demo => crate::cli::demo::run().map_err(CliError::Startup),
-        Command::Status { url } => status(&url),
+        Command::Status { url } => crate::cli::status::run(&url),
         Command::Mock { fault, name } => mock(&fault, &name),
         Command::ImportQcc(args) => crate::cli::import_qcc::command::run(&args),
     }
@@ -215,80 +216,6 @@ fn probe_all(state: &State) {
         let word = if r.recovered { "ok    " } else { "FAILED" };
         println!("{word} {:<16} {}  {}", e.name(), e.id(), r.detail);
     }
-}
-
-/// `status`: one GET of `/__qcc__/stats`, printed as a table.
-fn status(url: &str) -> Result<(), CliError> {
-    let stats_url = format!("{}/__qcc__/stats", url.trim_end_matches('/'));
-    let fail = |e: String| CliError::Startup(format!("cannot read {stats_url}: {e}"));
-    let agent = ureq::Agent::config_builder()
-        .timeout_global(Some(std::time::Duration::from_secs(10)))
-        .build()
-        .new_agent();
-    let mut response = agent
-        .get(&stats_url)
-        .call()
-        .map_err(|e| fail(e.to_string()))?;
-    let body = response
-        .body_mut()
-        .read_to_vec()
-        .map_err(|e| fail(e.to_string()))?;
-    let stats: serde_json::Value =
-        serde_json::from_slice(&body).map_err(|e| fail(format!("not JSON: {e}")))?;
-    print!("{}", status_table(&stats));
-    Ok(())
-}
-
-fn status_table(s: &serde_json::Value) -> String {
-    let mut out = format!(
-        "requests {} (ok {}, failed {}), uptime {:.0}s, healthy endpoints {}/{}, queued {}\n",
-        s["total_requests"],
-        s["successful_requests"],
-        s["failed_requests"],
-        s["uptime"].as_f64().unwrap_or(0.0),
-        s["healthy_endpoints"],
-        s["total_endpoints"],
-        s["failure_queue_size"]
-    );
-    out += &format!(
-        "{:<16} {:<8} {:>4} {:<10} {:>9} {:>7} {:>8} {:>6}  last error\n",
-        "name", "id", "prio", "state", "attempts", "failed", "avg ms", "flight"
-    );
-    let queued: Vec<&str> = s["failed_endpoints"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str()).collect())
-        .unwrap_or_default();
-    let text = |v: &serde_json::Value| match v {
-        serde_json::Value::String(s) => s.clone(),
-        serde_json::Value::Null => String::new(),
-        other => other.to_string(),
-    };
-    for e in s["endpoints"].as_array().into_iter().flatten() {
-        let h = &e["health_status"];
-        let id = e["id"].as_str().unwrap_or("");
-        let state = if e["enabled"] == false {
-            "disabled"
-        } else if queued.contains(&id) {
-            "QUEUED"
-        } else if !e["cooldown_until"].is_null() {
-            "cooling"
-        } else {
-            h["status"].as_str().unwrap_or("?")
-        };
-        out += &format!(
-            "{:<16} {:<8} {:>4} {:<10} {:>9} {:>7} {:>8.0} {:>6}  {}\n",
-            text(&e["name"]),
-            id,
-            text(&e["priority"]),
-            state,
-            text(&h["total_requests"]),
-            text(&h["failed_requests"]),
-            h["avg_response_time"].as_f64().unwrap_or(0.0),
-            text(&e["in_flight"]),
-            text(&h["last_error"])
-        );
-    }
-    out
 }
 
 /// `mock`: one mock upstream on loopback until SIGINT/SIGTERM.

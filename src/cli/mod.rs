@@ -1,5 +1,5 @@
 //! The command line: clap's parsing and each command (`commands`: `serve`, `check`,
-//! `status`, `mock`), the two larger commands in files of their own (`demo`, `import_qcc`),
+//! `mock`), the larger commands in files of their own (`demo`, `import_qcc`, `status`),
 //! the error whose kind is the exit code (`error`), and `serve`'s logger (`logging`).
 
 pub mod commands;
@@ -7,3 +7,4 @@ pub mod demo;
 pub mod error;
 pub mod import_qcc;
 pub mod logging;
+pub mod status;

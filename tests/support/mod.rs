@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod binary;
+pub mod quota;
 pub mod raw;
 pub mod tls;
 
