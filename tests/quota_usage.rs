@@ -29,6 +29,7 @@ fn metric(text: &str, series: &str) -> Option<f64> {
 
 #[test]
 fn ten_json_answers_and_ten_streams_are_counted_exactly() {
+    clear_of_midnight_utc();
     let upstream = named("counted", Fault::None);
     let proxy = Proxy::start(
         &[&upstream],

@@ -270,6 +270,18 @@ pub fn within(limit: Duration, done: impl Fn() -> bool) -> bool {
     done()
 }
 
+/// Waits out the last 30 s of a UTC day: a test that checks "today's" usage must not see
+/// the day change under it.
+pub fn clear_of_midnight_utc() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    let left = 86_400 - now.as_secs() % 86_400;
+    if left <= 30 {
+        std::thread::sleep(Duration::from_secs(left + 1));
+    }
+}
+
 /// A number unique within this test process, for temp file names.
 pub fn unique() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

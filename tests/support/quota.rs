@@ -32,6 +32,7 @@ pub struct QuotaScene {
 
 impl QuotaScene {
     pub fn start() -> QuotaScene {
+        clear_of_midnight_utc();
         let mocks = ["api", "sub", "spent", "rejected", "idle"]
             .map(|n| MockUpstream::start_named(n, Fault::None).unwrap());
         // One priced model, at Sonnet's prices per million tokens.
