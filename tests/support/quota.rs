@@ -2,7 +2,7 @@
 //! the tests of what `status` and the status page print: the figures come from real
 //! answers of real mocks (`x-mock-usage`, `set_headers`) through the proxy.
 
-use super::{Proxy, endpoint_in, post, wait_until};
+use super::{Proxy, clear_of_midnight_utc, endpoint_in, post, wait_until};
 use failover_proxy::mock::control::MockUpstream;
 use failover_proxy::mock::fault::Fault;
 use failover_proxy::time::iso8601;
