@@ -79,6 +79,9 @@ fn start(
     out.start(status, &fields, framing).ok()
 }
 
+/// An event stream's read size (see `pump`).
+const EVENT_PIECE: usize = 2 * 1024;
+
 enum Pump {
     Done,
     ClientGone,
@@ -94,7 +97,15 @@ fn pump(
     ping_limit: Option<Duration>,
     meter: &mut Meter,
 ) -> Pump {
-    let mut piece = vec![0u8; PIECE];
+    // An event stream's pieces are events of a few hundred bytes, and a stream holds its
+    // buffer for minutes: 2 KiB, not `PIECE`, per stream (a larger burst takes a few more
+    // writes). Other bodies are bulk, read in `PIECE`s.
+    let size = if ping_limit.is_some() {
+        EVENT_PIECE
+    } else {
+        PIECE
+    };
+    let mut piece = vec![0u8; size];
     let mut progress_at = Instant::now();
     loop {
         let n = match reader.read(&mut piece) {
