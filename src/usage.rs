@@ -157,10 +157,9 @@ pub fn from_json(body: &[u8]) -> Option<Counted> {
 }
 
 /// Which event the lines being read belong to.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Current {
     /// No `event:` line yet: the data's `type` decides.
-    #[default]
     Unnamed,
     Start,
     Delta,

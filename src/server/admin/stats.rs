@@ -4,7 +4,7 @@
 use crate::state::endpoint::{Endpoint, EndpointId, Quota};
 use crate::state::shared::State;
 use crate::time::{iso8601, unix_seconds};
-use crate::usage::{Book, Price, Usage, cost, total, utc_day};
+use crate::usage::{Book, Price, Usage, cost, price_of, total, utc_day};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
@@ -98,24 +98,24 @@ fn usage(prices: &BTreeMap<String, Price>, book: &Book, wall: SystemTime) -> Val
         .by_model()
         .iter()
         .map(|(model, u)| {
-            let one = BTreeMap::from([(model.clone(), *u)]);
-            (model.clone(), usage_fields(prices, &one))
+            let cost = price_of(prices, model).map(|p| p.cost(u));
+            (model.clone(), usage_fields(u, cost))
         })
         .collect();
-    let mut all = usage_fields(prices, book.by_model());
-    all["today"] = usage_fields(prices, &book.today(utc_day(wall)));
+    let sum = |models: &BTreeMap<String, Usage>| usage_fields(&total(models), cost(prices, models));
+    let mut all = sum(book.by_model());
+    all["today"] = sum(&book.today(utc_day(wall)));
     all["by_model"] = Value::Object(by_model);
     all
 }
 
-fn usage_fields(prices: &BTreeMap<String, Price>, by_model: &BTreeMap<String, Usage>) -> Value {
-    let u = total(by_model);
+fn usage_fields(u: &Usage, cost: Option<f64>) -> Value {
     json!({
         "input_tokens": u.input_tokens,
         "output_tokens": u.output_tokens,
         "cache_creation_input_tokens": u.cache_creation_input_tokens,
         "cache_read_input_tokens": u.cache_read_input_tokens,
-        "cost_usd": cost(prices, by_model),
+        "cost_usd": cost,
     })
 }
 
