@@ -373,3 +373,51 @@ fn a_stream_longer_than_keepalive_timeout_keeps_its_connection() {
     assert_eq!(answer(&mut client).0, 200);
     assert_eq!(a.requests() + b.requests(), 2);
 }
+
+/// A POST of `{}` to `target` with `lines` in its head.
+fn post_with(target: &str, lines: &[&str]) -> Vec<u8> {
+    let mut text = format!("POST {target} HTTP/1.1\r\nhost: 127.0.0.1\r\n");
+    for line in lines {
+        text.push_str(line);
+        text.push_str("\r\n");
+    }
+    text.push_str("content-type: application/json\r\ncontent-length: 2\r\n\r\n{}");
+    text.into_bytes()
+}
+
+#[test]
+fn a_line_of_8_kib_is_forwarded_and_a_longer_one_refused_without_charging_an_endpoint() {
+    let (a, b, mut binary) = two_behind_binary(json!({}));
+    let header = |len: usize| format!("x-long: {}", "h".repeat(len - "x-long: ".len()));
+    let target = |len: usize| {
+        let pad = len - "POST  HTTP/1.1".len() - "/v1/messages?pad=".len();
+        format!("/v1/messages?pad={}", "t".repeat(pad))
+    };
+    let longest = [
+        post_with(&target(8192), &[]),
+        post_with("/v1/messages", &[&header(8192)]),
+    ];
+    for request in longest {
+        let mut client = RawClient::connect(&binary.url);
+        client.send(&request);
+        assert_eq!(answer(&mut client).0, 200);
+    }
+    assert_eq!((a.requests(), b.requests()), (2, 0));
+    let too_long = [
+        (post_with(&target(8193), &[]), 414),
+        (post_with("/v1/messages", &[&header(8193)]), 431),
+    ];
+    for (request, status) in too_long {
+        let (got, body) = only_answer(&binary.url, &request);
+        assert_eq!((got, error_type(&body)), (status, "invalid_request_error"));
+    }
+    assert_eq!((a.requests(), b.requests()), (2, 0));
+    let stats = binary.stats();
+    for endpoint in stats["endpoints"].as_array().expect("endpoints") {
+        assert_eq!(
+            endpoint["health_status"]["consecutive_failures"], 0,
+            "{endpoint}"
+        );
+    }
+    still_serves(&mut binary);
+}

@@ -141,6 +141,7 @@ fn limits(config: &Config) -> tiny_http::Limits {
     tiny_http::Limits {
         max_head_bytes: MAX_HEAD_BYTES,
         max_header_fields: MAX_HEADER_FIELDS,
+        max_line_bytes: crate::upstream::agent::MAX_LINE_BYTES,
         header_timeout: Some(config.client_header_timeout),
         body_timeout: Some(config.client_body_timeout),
         keepalive_timeout: Some(config.keepalive_timeout),

@@ -32,10 +32,10 @@ fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::
         .timeout_recv_body(Some(NO_BODY_DEADLINE))
         // ureq's default buffers are 128 KiB each way per upstream connection: 256 MiB for
         // 1000 open streams. A response head must fit the input buffer (Anthropic's are
-        // 1-2 KiB; nginx's own limit is 4-8 KiB); request bodies go out in 8 KiB writes.
+        // 1-2 KiB; nginx's own limit is 4-8 KiB).
         .input_buffer_size(UPSTREAM_INPUT_BUFFER)
         .max_response_header_size(UPSTREAM_INPUT_BUFFER)
-        .output_buffer_size(8 * 1024)
+        .output_buffer_size(output_buffer(config))
         // Every worker may hold one connection to the same upstream; a smaller pool would
         // close connections that are needed again a moment later.
         .max_idle_connections(4 * config.workers.max(64))
@@ -49,6 +49,24 @@ fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::
 
 /// The largest upstream response head, and the read buffer of an upstream connection.
 const UPSTREAM_INPUT_BUFFER: usize = 8 * 1024;
+
+/// The longest request line or header line a client may send, line end excluded (nginx's
+/// `large_client_header_buffers`); the server answers 414 or 431 beyond it.
+pub const MAX_LINE_BYTES: usize = 8 * 1024;
+
+/// ureq writes a request head line by line into the output buffer and fails the call
+/// when one line does not fit: that would fail every endpoint in turn for what is the
+/// client's fault. So the buffer holds the longest line the proxy can send: a client's
+/// line, with the endpoint's base path in front of its target or its key in a header,
+/// and 64 bytes for the method, the version, a header name and the line end. Request
+/// bodies go out in writes of this size.
+fn output_buffer(config: &Config) -> usize {
+    let ours = config
+        .endpoints
+        .iter()
+        .map(|e| e.base_url.len().max(e.api_key.expose().len()));
+    MAX_LINE_BYTES + ours.max().unwrap_or(0) + 64
+}
 
 /// The agent shared by every endpoint without a CA file or an outbound proxy.
 pub fn shared_agent(config: &Config) -> ureq::Agent {
@@ -240,5 +258,20 @@ mod tests {
         assert!(no_proxy_covers("*", "anything"));
         assert_eq!(host_of("http://[::1]:8080/v1"), "::1");
         assert_eq!(host_of("https://user@host.example:443"), "host.example");
+    }
+
+    #[test]
+    fn the_output_buffer_holds_the_longest_line_with_a_base_path() {
+        let path = format!("/relay/{}", "p".repeat(300));
+        let text = serde_json::json!({"endpoints": [
+            {"base_url": "https://a.example", "api_key": "k"},
+            {"base_url": format!("https://b.example{path}"), "api_key": "k"},
+        ]});
+        let config =
+            Config::from_json(&text.to_string(), &Overrides::default(), &|_| None).unwrap();
+        // The client's longest request line, its target behind the longest base path.
+        let target = "t".repeat(MAX_LINE_BYTES - "POST  HTTP/1.1".len());
+        let line = format!("POST {path}{target} HTTP/1.1\r\n");
+        assert!(output_buffer(&config) >= line.len(), "{}", line.len());
     }
 }

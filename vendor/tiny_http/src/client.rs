@@ -305,12 +305,18 @@ fn read_head(
     while line.is_empty() {
         line = next_line(reader)?;
     }
+    if line.len() > limits.max_line_bytes {
+        return Err(HeadError::Refused(414, "the request line is longer than 8 KiB"));
+    }
     let (method, target, version) = parse_request_line(&line)?;
     let mut headers = Vec::new();
     loop {
         let line = next_line(reader)?;
         if line.is_empty() {
             break;
+        }
+        if line.len() > limits.max_line_bytes {
+            return Err(HeadError::Refused(431, "a header line is longer than 8 KiB"));
         }
         if headers.len() == limits.max_header_fields {
             return Err(HeadError::Refused(

@@ -10,13 +10,16 @@ use std::time::{Duration, Instant};
 use crate::util::RefinedTcpStream;
 
 /// What a client may send, and how slowly. Every answer the connection thread writes
-/// itself (400, 408, 413, 417, 431, 501, 505) closes the connection.
+/// itself (400, 408, 413, 414, 417, 431, 501, 505) closes the connection.
 #[derive(Clone, Debug)]
 pub struct Limits {
     /// The request line and header lines together, line ends included (431 beyond).
     pub max_head_bytes: usize,
     /// Header fields per request (431 beyond).
     pub max_header_fields: usize,
+    /// One line, line end excluded: a longer request line gets 414, a longer header
+    /// line 431.
+    pub max_line_bytes: usize,
     /// The longest wait for a whole request head, from its first byte (from the
     /// connection's start for the first request); 408 then close.
     pub header_timeout: Option<Duration>,
@@ -42,6 +45,7 @@ impl Default for Limits {
         Limits {
             max_head_bytes: 64 * 1024,
             max_header_fields: 100,
+            max_line_bytes: 8 * 1024,
             header_timeout: None,
             body_timeout: None,
             keepalive_timeout: None,
