@@ -29,6 +29,7 @@ pub mod mock;
 pub mod quota;
 pub mod server;
 pub mod state;
+pub mod thread_stack;
 pub mod time;
 pub mod upstream;
 pub mod usage;
