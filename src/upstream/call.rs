@@ -142,7 +142,8 @@ pub fn send(
 }
 
 /// One call through the endpoint's agent, its `timeout` bounding the wait for the
-/// response headers (and the sending of the body, should the upstream stop reading).
+/// response headers (and the sending of the head and body, should the upstream stop
+/// reading: both sends get a timeout, so the socket's needs no change between them).
 fn run<B: ureq::AsSendBody>(
     endpoint: &Endpoint,
     builder: http::request::Builder,
@@ -153,6 +154,7 @@ fn run<B: ureq::AsSendBody>(
     let agent = &endpoint.agent;
     let request = agent
         .configure_request(request)
+        .timeout_send_request(timeout)
         .timeout_recv_response(timeout)
         .timeout_send_body(timeout)
         .build();

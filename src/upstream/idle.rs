@@ -152,7 +152,17 @@ impl<T: Transport> Transport for IdleTransport<T> {
         self.inner.buffers()
     }
 
-    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+    /// ureq passes the time left of the call, which shrinks by microseconds from one write
+    /// to the next, and sets the socket's send timeout whenever it changes: a system call
+    /// per write. Rounded up to whole seconds it stays the same from request to request.
+    fn transmit_output(
+        &mut self,
+        amount: usize,
+        mut timeout: NextTimeout,
+    ) -> Result<(), ureq::Error> {
+        if !timeout.after.is_not_happening() {
+            timeout.after = Duration::from_secs(timeout.after.as_secs_f64().ceil() as u64).into();
+        }
         self.inner.transmit_output(amount, timeout)
     }
 

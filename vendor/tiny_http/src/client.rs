@@ -121,9 +121,9 @@ impl ClientConnection {
         }
         self.state.set_idle();
         let head = read_head(reader, &self.limits, &self.state, self.first)
-            .and_then(|head| check_framing(&head).map(|_| head));
+            .and_then(|head| check_framing(&head).map(|length| (head, length)));
         self.first = false;
-        let head = match head {
+        let (head, length) = match head {
             Ok(head) => head,
             Err(HeadError::Closed) => return None,
             Err(HeadError::Refused(status, message)) => {
@@ -132,10 +132,14 @@ impl ClientConnection {
                 return None;
             }
         };
-        reader
-            .get_ref()
-            .set_read_timeout(self.limits.body_timeout)
-            .ok();
+        // Most bodies came with their head: the socket is read for the body only when it
+        // has not, and only then does that read need `body_timeout`.
+        if length.is_none_or(|length| length > reader.buffer().len()) {
+            reader
+                .get_ref()
+                .set_read_timeout(self.limits.body_timeout)
+                .ok();
+        }
 
         // building the writer for the request
         let writer = Answering::new(self.sink.next().unwrap(), &self.state);
@@ -487,43 +491,45 @@ fn parse_header_line(line: &[u8]) -> Result<Header, HeadError> {
 
 /// The body's framing must be unambiguous (request smuggling): one `content-length`
 /// that is a plain decimal, or `transfer-encoding: chunked` alone (HTTP/1.1 only).
-pub(crate) fn check_framing(head: &Head) -> Result<(), HeadError> {
-    let named = |name: &'static str| {
-        head.headers
-            .iter()
-            .filter(move |h| h.field.equiv(name))
-            .collect::<Vec<_>>()
-    };
-    let lengths = named("Content-Length");
-    let encodings = named("Transfer-Encoding");
-    if !encodings.is_empty() {
+/// The body's length: `Some(n)` for `content-length: n` (0 without either header), None
+/// for a chunked body.
+pub(crate) fn check_framing(head: &Head) -> Result<Option<usize>, HeadError> {
+    let named = |name: &'static str| head.headers.iter().filter(move |h| h.field.equiv(name));
+    let mut lengths = named("Content-Length");
+    let mut encodings = named("Transfer-Encoding");
+    if let Some(encoding) = encodings.next() {
         if head.version == HTTPVersion(1, 0) {
             return Err(HeadError::Refused(
                 400,
                 "transfer-encoding is not allowed in HTTP/1.0",
             ));
         }
-        if !lengths.is_empty() {
+        if lengths.next().is_some() {
             return Err(HeadError::Refused(
                 400,
                 "content-length and transfer-encoding must not come together",
             ));
         }
-        if encodings.len() > 1 || !encodings[0].value.as_str().eq_ignore_ascii_case("chunked") {
+        if encodings.next().is_some() || !encoding.value.as_str().eq_ignore_ascii_case("chunked") {
             return Err(HeadError::Refused(
                 501,
                 "the only transfer-encoding supported is chunked",
             ));
         }
+        return Ok(None);
     }
-    match lengths.as_slice() {
-        [] => Ok(()),
-        [one] if parse_content_length(one.value.as_str()).is_some() => Ok(()),
-        [_] => Err(HeadError::Refused(
+    let Some(length) = lengths.next() else {
+        return Ok(Some(0));
+    };
+    if lengths.next().is_some() {
+        return Err(HeadError::Refused(400, "content-length must be given once"));
+    }
+    match parse_content_length(length.value.as_str()) {
+        Some(length) => Ok(Some(length)),
+        None => Err(HeadError::Refused(
             400,
             "content-length must be a decimal number",
         )),
-        _ => Err(HeadError::Refused(400, "content-length must be given once")),
     }
 }
 
@@ -624,7 +630,7 @@ mod test {
     fn framing_must_be_unambiguous() {
         let v11 = || HTTPVersion(1, 1);
         let status = |h: Head| match check_framing(&h) {
-            Ok(()) => 0,
+            Ok(_) => 0,
             Err(HeadError::Refused(s, _)) => s,
             Err(HeadError::Closed) => 1,
         };

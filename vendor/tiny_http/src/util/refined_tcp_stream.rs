@@ -1,6 +1,7 @@
 use std::io::Result as IoResult;
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr};
+use std::cell::Cell;
 use std::time::Duration;
 
 use crate::connection::Connection;
@@ -97,6 +98,8 @@ pub struct RefinedTcpStream {
     stream: Stream,
     close_read: bool,
     close_write: bool,
+    /// The read timeout this handle last set on the socket, once it has set one.
+    read_timeout: Cell<Option<Option<Duration>>>,
 }
 
 impl RefinedTcpStream {
@@ -112,12 +115,14 @@ impl RefinedTcpStream {
             stream: read,
             close_read: true,
             close_write: false,
+            read_timeout: Cell::new(None),
         };
 
         let write = RefinedTcpStream {
             stream: write,
             close_read: false,
             close_write: true,
+            read_timeout: Cell::new(None),
         };
 
         Ok((read, write))
@@ -133,11 +138,19 @@ impl RefinedTcpStream {
         self.stream.peer_addr()
     }
 
-    /// Bounds every later read on this socket (both halves share it); a zero wait is
-    /// taken as the shortest one the socket allows.
+    /// Bounds every later read on this socket (both halves share it; only the read half
+    /// sets it); a zero wait is taken as the shortest one the socket allows. Waits are
+    /// rounded up to whole milliseconds and the socket is left alone when it has that
+    /// timeout already: the keep-alive wait is the same for every request, and a system
+    /// call per request saved is worth more than a millisecond of a deadline.
     pub(crate) fn set_read_timeout(&self, timeout: Option<Duration>) -> IoResult<()> {
-        let timeout = timeout.map(|t| t.max(Duration::from_millis(1)));
-        self.stream.set_read_timeout(timeout)
+        let timeout = timeout.map(|t| ceil_millis(t).max(Duration::from_millis(1)));
+        if self.read_timeout.get() == Some(timeout) {
+            return Ok(());
+        }
+        self.stream.set_read_timeout(timeout)?;
+        self.read_timeout.set(Some(timeout));
+        Ok(())
     }
 
     /// Sends what was written, then end-of-stream: the client sees the answer end.
@@ -185,5 +198,15 @@ impl Write for RefinedTcpStream {
 
     fn flush(&mut self) -> IoResult<()> {
         self.stream.flush()
+    }
+}
+
+/// `wait` rounded up to a whole number of milliseconds.
+fn ceil_millis(wait: Duration) -> Duration {
+    let whole = Duration::from_millis(std::convert::TryFrom::try_from(wait.as_millis()).unwrap_or(u64::MAX));
+    if whole < wait {
+        whole + Duration::from_millis(1)
+    } else {
+        whole
     }
 }
