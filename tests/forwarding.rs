@@ -312,3 +312,55 @@ fn idle_timeout_mid_stream_ends_with_one_error_event() {
     );
     silent.set_fault(Fault::None);
 }
+
+/// The proxy sends a request's head and the first piece of its body in one write
+/// (`upstream/coalesce.rs`): bodies of every size around the output buffer's edge, and a
+/// request without a body, reach the upstream byte for byte, each as one request.
+#[test]
+fn request_bodies_of_every_size_reach_the_upstream_whole() {
+    let up = mock(Fault::None);
+    let proxy = Proxy::start(&[&up], json!({}));
+    let body_of = |size: usize| {
+        let empty = r#"{"model":"m","max_tokens":5,"messages":[{"role":"user","content":""}]}"#;
+        let text = "x".repeat(size - empty.len());
+        format!(
+            r#"{{"model":"m","max_tokens":5,"messages":[{{"role":"user","content":"{text}"}}]}}"#
+        )
+    };
+    // The output buffer holds 8 KiB + 64 + the longest base URL or key; the head takes a
+    // few hundred bytes of it: every size from 7 to 8.5 KiB crosses the edge.
+    let mut sizes: Vec<usize> = (7 * 1024..8704).step_by(61).collect();
+    sizes.extend([100, 16 * 1024 + 3, 150 * 1024]);
+    let mut client = RawClient::connect(&proxy.url);
+    for &size in &sizes {
+        let body = body_of(size);
+        let headers = [("content-type", "application/json")];
+        client.send(&raw::request(
+            "POST",
+            "/v1/messages",
+            &headers,
+            body.as_bytes(),
+        ));
+        let head = client.read_head().expect("an answer");
+        assert_eq!(head.status, 200, "{size}: {}", head.text);
+        let length = head.content_length().expect("a content-length");
+        client.read_exact_body(length).expect("the answer's body");
+        let recorded = up.recorded();
+        let last = recorded.last().expect("a recorded request");
+        assert_eq!(last.body.len(), size);
+        assert!(
+            last.body == body.as_bytes(),
+            "{size}: the body arrived changed"
+        );
+    }
+    client.send(&raw::request("GET", "/v1/models", &[], b""));
+    let head = client.read_head().expect("an answer to GET");
+    let recorded = up.recorded();
+    assert_eq!(
+        recorded.last().map(|r| r.method.as_str()),
+        Some("GET"),
+        "{}",
+        head.text
+    );
+    assert_eq!(recorded.len(), sizes.len() + 1);
+}

@@ -260,3 +260,26 @@ fn a_body_that_trickles_forever_is_cut_at_timeout() {
         "timeout",
     );
 }
+
+/// An upstream that closes each kept-alive connection right after its answer: the proxy
+/// must see that before it sends the next request on it (the liveness probe when a pooled
+/// connection is taken out, `upstream/wire.rs`), so every request is answered and the
+/// endpoint never fails.
+#[test]
+fn a_pooled_connection_the_upstream_closed_is_not_used_again() {
+    let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 18\r\n\r\n{\"type\":\"message\"}";
+    let upstream = raw_upstream(answer, false);
+    let url = format!("http://{}", upstream.addr());
+    let proxy = Proxy::start(
+        &[],
+        json!({"endpoints": [endpoint_json(0, &url, json!({}))]}),
+    );
+    for i in 0..3 {
+        let answer = send_message(&agent(), &proxy.url, &[]);
+        assert_eq!(answer.status, 200, "request {i}: {}", answer.text());
+        // The upstream's close reaches the proxy's socket before the next request.
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(upstream.accepted(), 3);
+    assert_eq!(failed(&proxy, 0), 0);
+}

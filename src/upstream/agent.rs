@@ -9,6 +9,7 @@
 
 use crate::config::validated::{Config, EndpointConfig};
 use crate::upstream::idle::IdleConnector;
+use crate::upstream::wire::WireConnector;
 use std::time::Duration;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
 
@@ -73,13 +74,16 @@ pub fn shared_agent(config: &Config) -> ureq::Agent {
     new_agent(base_config(config).build(), config)
 }
 
-/// Every upstream connection ends in `IdleConnector`, which bounds each body read.
+/// Every upstream connection ends in `IdleConnector`, which bounds each body read, and
+/// `WireConnector`, which saves writes and probes.
 fn new_agent(agent_config: ureq::config::Config, config: &Config) -> ureq::Agent {
     use ureq::unversioned::resolver::DefaultResolver;
     use ureq::unversioned::transport::{Connector, DefaultConnector};
-    let connector = DefaultConnector::new().chain(IdleConnector {
-        idle: config.idle_timeout,
-    });
+    let connector = DefaultConnector::new()
+        .chain(IdleConnector {
+            idle: config.idle_timeout,
+        })
+        .chain(WireConnector);
     ureq::Agent::with_parts(agent_config, connector, DefaultResolver::default())
 }
 

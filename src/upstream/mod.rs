@@ -1,9 +1,10 @@
 //! The ureq side: the request an upstream gets and what its answer means (`call`), the
-//! agents that make the connections (`agent`), the transport wrapper that bounds every
-//! upstream wait (`idle`), and the recovery probes (`probe`). Every call blocks the thread
-//! that makes it.
+//! agents that make the connections (`agent`), the transport wrappers that bound every
+//! upstream wait (`idle`) and save writes and system calls (`wire`), and the recovery
+//! probes (`probe`). Every call blocks the thread that makes it.
 
 pub mod agent;
 pub mod call;
 pub mod idle;
 pub mod probe;
+pub mod wire;
