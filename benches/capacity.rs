@@ -6,11 +6,22 @@
 //! events 200 ms apart; the streams start evenly over one second. A raw socket client
 //! stamps the first event, the first text delta and the end of each stream.
 //!
-//! Run: `cargo bench --bench capacity` (`STREAMS=N`, default 1000; about 20 s).
+//! Run: `cargo bench --bench capacity` (`STREAMS=N`, default 1000; about 20 s). With
+//! `TLS=1` one more round goes through a second proxy whose upstream is HTTPS (the test
+//! suite's TLS front before the mock), as real traffic is: its memory beside the plain one.
 
 mod common;
 #[path = "../tests/support/raw.rs"]
 mod raw;
+#[path = "../tests/support/tls.rs"]
+#[allow(dead_code)]
+mod tls;
+
+/// What `tls.rs` asks of its parent module: a number unique in this process.
+fn unique() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::SeqCst)
+}
 
 use common::nginx::Nginx;
 use failover_proxy::mock::control::MockUpstream;
@@ -33,9 +44,12 @@ struct ProxyProcess {
 }
 
 impl ProxyProcess {
-    fn start(mock: &MockUpstream) -> ProxyProcess {
-        let config = std::env::temp_dir().join(format!("fp-bench-{}.json", std::process::id()));
-        let text = serde_json::json!({"endpoints": [{"name": "mock", "base_url": mock.url(), "api_key": "sk-bench-0123456789"}]});
+    /// In front of one endpoint, `base_url` (and its `ca_file`, if any).
+    fn start(base_url: &str, ca_file: Option<&str>) -> ProxyProcess {
+        let name = format!("fp-bench-{}-{}.json", std::process::id(), unique());
+        let config = std::env::temp_dir().join(name);
+        let text = serde_json::json!({"endpoints": [{"name": "mock", "base_url": base_url,
+            "api_key": "sk-bench-0123456789", "ca_file": ca_file}]});
         std::fs::write(&config, text.to_string()).expect("config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_failover-proxy"))
             .args([
@@ -224,7 +238,7 @@ fn main() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1000);
     let mock = MockUpstream::start().expect("mock upstream");
-    let proxy = ProxyProcess::start(&mock);
+    let proxy = ProxyProcess::start(&mock.url(), None);
     let proxy_pid = proxy.child.id();
     thread::sleep(Duration::from_secs(1));
     let idle = common::rss_kib(proxy_pid) as f64 / 1024.0;
@@ -252,4 +266,20 @@ fn main() {
         percentile(&through.first_delta, 99.0) - percentile(&direct.first_delta, 99.0),
         (through.last_end - direct.last_end) * 1000.0
     );
+    if std::env::var_os("TLS").is_some() {
+        https_round(&mock, streams);
+    }
+}
+
+/// The same streams through a proxy whose upstream is HTTPS: each stream's connection
+/// carries a TLS session, and its thread made a handshake.
+fn https_round(mock: &MockUpstream, streams: usize) {
+    let ca = tls::TestCa::new();
+    let pem = ca.write_pem();
+    let front = tls::TlsFront::start(&ca, mock.addr());
+    let proxy = ProxyProcess::start(&front.url(), Some(pem.path_str()));
+    let pid = proxy.child.id();
+    thread::sleep(Duration::from_secs(1));
+    let round = run_round(&proxy.url, streams, &|| common::rss_kib(pid));
+    print_round("proxy, https up", streams, &round);
 }
