@@ -75,16 +75,16 @@ pub fn shared_agent(config: &Config) -> ureq::Agent {
 }
 
 /// Every upstream connection ends in `IdleConnector`, which bounds each body read, and
-/// `WireConnector`, which saves writes and probes.
+/// `WireConnector`, which saves writes and probes; host names go through `CachingResolver`.
 fn new_agent(agent_config: ureq::config::Config, config: &Config) -> ureq::Agent {
-    use ureq::unversioned::resolver::DefaultResolver;
+    use crate::upstream::resolve::CachingResolver;
     use ureq::unversioned::transport::{Connector, DefaultConnector};
     let connector = DefaultConnector::new()
         .chain(IdleConnector {
             idle: config.idle_timeout,
         })
         .chain(WireConnector);
-    ureq::Agent::with_parts(agent_config, connector, DefaultResolver::default())
+    ureq::Agent::with_parts(agent_config, connector, CachingResolver::new())
 }
 
 /// The agent for one endpoint: the shared one, or its own when it has a CA file or goes
