@@ -55,6 +55,11 @@ impl Usage {
 
     /// Overwrites the kinds a `usage` object names (counts in it are totals so far).
     fn update(&mut self, usage: &Map<String, Value>) {
+        self.update_with(|name| usage.get(name).and_then(Value::as_u64));
+    }
+
+    /// Overwrites each kind `count` gives a count for (non-negative integers only).
+    fn update_with(&mut self, count: impl Fn(&str) -> Option<u64>) {
         let fields = [
             ("input_tokens", &mut self.input_tokens),
             ("output_tokens", &mut self.output_tokens),
@@ -65,7 +70,7 @@ impl Usage {
             ("cache_read_input_tokens", &mut self.cache_read_input_tokens),
         ];
         for (name, slot) in fields {
-            if let Some(n) = usage.get(name).and_then(Value::as_u64) {
+            if let Some(n) = count(name) {
                 *slot = n;
             }
         }
@@ -137,23 +142,44 @@ impl Meter {
 
 /// The `usage` and `model` of a whole JSON answer (a message).
 pub fn from_json(body: &[u8]) -> Option<Counted> {
-    /// Only the two fields read: serde skips the content without building it.
-    #[derive(Deserialize)]
-    struct Message {
-        model: Option<Value>,
-        usage: Option<Map<String, Value>>,
+    serde_json::from_slice::<Counts>(body).ok()?.counted()
+}
+
+/// The fields of a whole JSON answer that are counted: serde skips the content (and any
+/// other field) without building it.
+#[derive(Deserialize)]
+pub struct Counts {
+    pub model: Option<Value>,
+    pub usage: Option<Tokens>,
+}
+
+/// A `usage` object's counts, as sent (only non-negative integers count).
+#[derive(Deserialize)]
+pub struct Tokens {
+    input_tokens: Option<Value>,
+    output_tokens: Option<Value>,
+    cache_creation_input_tokens: Option<Value>,
+    cache_read_input_tokens: Option<Value>,
+}
+
+impl Counts {
+    /// None when the answer has no `usage`.
+    pub fn counted(self) -> Option<Counted> {
+        let tokens = self.usage?;
+        let mut usage = Usage::default();
+        usage.update_with(|name| {
+            let value = match name {
+                "input_tokens" => &tokens.input_tokens,
+                "output_tokens" => &tokens.output_tokens,
+                "cache_creation_input_tokens" => &tokens.cache_creation_input_tokens,
+                "cache_read_input_tokens" => &tokens.cache_read_input_tokens,
+                _ => return None,
+            };
+            value.as_ref().and_then(Value::as_u64)
+        });
+        let model = self.model.as_ref().and_then(Value::as_str).map(model_name);
+        Some(Counted { model, usage })
     }
-    let message: Message = serde_json::from_slice(body).ok()?;
-    let mut usage = Usage::default();
-    usage.update(&message.usage?);
-    Some(Counted {
-        model: message
-            .model
-            .as_ref()
-            .and_then(Value::as_str)
-            .map(model_name),
-        usage,
-    })
 }
 
 /// Which event the lines being read belong to.
@@ -319,12 +345,12 @@ impl Book {
     pub fn add(&mut self, model: &str, usage: &Usage, day: u64) {
         let known = self.by_model.contains_key(model) || self.by_model.len() < MAX_MODELS;
         let key = if known { model } else { "other" };
-        self.by_model.entry(key.to_string()).or_default().add(usage);
+        add_to(&mut self.by_model, key, usage);
         if day != self.day {
             self.day = day;
             self.today.clear();
         }
-        self.today.entry(key.to_string()).or_default().add(usage);
+        add_to(&mut self.today, key, usage);
     }
 
     pub fn by_model(&self) -> &BTreeMap<String, Usage> {
@@ -338,6 +364,14 @@ impl Book {
         } else {
             BTreeMap::new()
         }
+    }
+}
+
+/// Adds `usage` to `model`'s entry; the name is copied only for a model not seen before.
+fn add_to(book: &mut BTreeMap<String, Usage>, model: &str, usage: &Usage) {
+    match book.get_mut(model) {
+        Some(entry) => entry.add(usage),
+        None => book.entry(model.to_string()).or_default().add(usage),
     }
 }
 

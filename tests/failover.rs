@@ -93,6 +93,19 @@ fn primary_529_fails_over_and_100_requests_get_200_from_the_secondary() {
     primary_fault_fails_over_to_the_secondary(Fault::Status(529));
 }
 
+/// A 200 whose JSON body is Anthropic's error shape (a relay that wraps an upstream
+/// error) is a failure like a 529: the client never sees it.
+#[test]
+fn primary_200_with_an_error_inside_fails_over_and_100_requests_get_200_from_the_secondary() {
+    let primary = named("primary", Fault::SoftError200);
+    let (proxy, _) = hundred_requests_all_answered_by_the_secondary(&primary.url(), json!({}));
+    assert_eq!(primary.requests(), 3);
+    assert_primary_quarantined_after_three_attempts(&proxy);
+    let health = &proxy.endpoint_stats(0)["health_status"];
+    let last_error = health["last_error"].as_str().unwrap_or_default();
+    assert!(last_error.contains("with an error inside"), "{health}");
+}
+
 #[test]
 fn primary_connection_refused_fails_over_and_100_requests_get_200_from_the_secondary() {
     let (proxy, _) = hundred_requests_all_answered_by_the_secondary(&refused_url(), json!({}));

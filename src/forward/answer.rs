@@ -8,6 +8,7 @@
 
 use crate::server::http_out::{ClientOut, Framing};
 use crate::upstream::call::{ClientRequest, HOP_BY_HOP};
+use crate::usage::{Counted, Counts, Tokens};
 use std::io::Read;
 use ureq::http::{self, HeaderMap};
 
@@ -48,6 +49,10 @@ pub(crate) struct Prepared {
     pub(crate) prefix: Vec<u8>,
     pub(crate) rest: Option<ureq::BodyReader<'static>>,
     pub(crate) sse: bool,
+    /// The usage of a JSON body read whole, counted as it was checked for a soft error
+    /// (one parse of the body, not two): `Some(None)` when it said nothing of usage, None
+    /// when the body is still to be metered.
+    pub(crate) counted: Option<Option<Counted>>,
 }
 
 /// ` (overloaded_error)` when the answer is in Anthropic's error shape; only the type is
@@ -63,26 +68,54 @@ pub(crate) fn soft_error_type(body: &[u8]) -> Option<String> {
     /// Only the two fields looked at: serde skips the rest of a large message without
     /// building it (a `Value` of every 2xx body showed up in profiles).
     #[derive(serde::Deserialize)]
-    struct Top {
-        #[serde(rename = "type")]
-        kind: Option<String>,
+    struct Top<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
         error: Option<serde_json::Value>,
     }
     if !body.trim_ascii_start().starts_with(b"{") {
         return None;
     }
     let top: Top = serde_json::from_slice(body).ok()?;
-    if top.kind.as_deref() != Some("error") {
-        return None;
-    }
-    let error = top.error.unwrap_or_default();
+    (top.kind.as_deref() == Some("error")).then(|| error_type(top.error))
+}
+
+/// An error shape's `error.type`, printable and short ("error" when it has none).
+fn error_type(error: Option<serde_json::Value>) -> String {
+    let error = error.unwrap_or_default();
     let kind = error["type"].as_str().unwrap_or("error");
-    Some(
-        kind.chars()
-            .filter(|c| c.is_ascii_graphic())
-            .take(64)
-            .collect(),
-    )
+    kind.chars()
+        .filter(|c| c.is_ascii_graphic())
+        .take(64)
+        .collect()
+}
+
+/// A whole 2xx JSON body's soft error type (`soft_error_type`) and its usage, from one
+/// parse when the body is well formed (the common case: bodies are parsed twice only when
+/// one of the two readings fails).
+fn read_whole(body: &[u8]) -> (Option<String>, Option<Option<Counted>>) {
+    #[derive(serde::Deserialize)]
+    struct Whole<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: Option<std::borrow::Cow<'a, str>>,
+        error: Option<serde_json::Value>,
+        model: Option<serde_json::Value>,
+        usage: Option<Tokens>,
+    }
+    let Some(whole) = body
+        .trim_ascii_start()
+        .starts_with(b"{")
+        .then(|| serde_json::from_slice::<Whole>(body).ok())
+        .flatten()
+    else {
+        return (soft_error_type(body), Some(crate::usage::from_json(body)));
+    };
+    let counts = Counts {
+        model: whole.model,
+        usage: whole.usage,
+    };
+    let kind = (whole.kind.as_deref() == Some("error")).then(|| error_type(whole.error));
+    (kind, Some(counts.counted()))
 }
 
 /// The upstream's headers as the client gets them: hop-by-hop and framing headers out
@@ -115,11 +148,12 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .ok()
 }
 
+/// Whether the header's value starts with `prefix` (lower case), in any case.
 fn header_starts_with(headers: &HeaderMap, name: http::header::HeaderName, prefix: &str) -> bool {
-    headers
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim().to_ascii_lowercase().starts_with(prefix))
+    headers.get(name).is_some_and(|v| {
+        let start = v.as_bytes().trim_ascii().get(..prefix.len());
+        start.is_some_and(|s| s.eq_ignore_ascii_case(prefix.as_bytes()))
+    })
 }
 
 fn is_encoded(headers: &HeaderMap) -> bool {
@@ -173,6 +207,7 @@ pub(crate) fn pass_through(
         prefix: Vec::new(),
         rest: (framing != Framing::NoBody).then_some(reader),
         sse: header_starts_with(headers, http::header::CONTENT_TYPE, "text/event-stream"),
+        counted: None,
     }
 }
 
@@ -204,7 +239,11 @@ pub(crate) fn prepare_success(
             return Err(("response body ended early".into(), None));
         }
         let json = header_starts_with(headers, http::header::CONTENT_TYPE, "application/json");
-        if let Some(kind) = soft_error_type(&body).filter(|_| json && status < 300) {
+        let (soft_error, counted) = match json && status < 300 {
+            true => read_whole(&body),
+            false => (None, None),
+        };
+        if let Some(kind) = soft_error {
             let answer = Buffered {
                 status,
                 headers: client_headers(headers),
@@ -218,6 +257,7 @@ pub(crate) fn prepare_success(
         let mut prepared = pass_through(status, headers, reader, request, out);
         prepared.prefix = body;
         prepared.rest = None;
+        prepared.counted = counted;
         return Ok(prepared);
     }
     let mut prepared = pass_through(status, headers, reader, request, out);

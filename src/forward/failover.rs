@@ -15,7 +15,7 @@ use crate::server::http_out::{ClientOut, error_body};
 use crate::state::endpoint::{Endpoint, EndpointId, InFlight};
 use crate::state::health::Outcome;
 use crate::state::shared::{Generation, State};
-use crate::upstream::call::{self, Class, ClientRequest};
+use crate::upstream::call::{self, BodyFields, Class, ClientRequest};
 use crate::upstream::idle;
 use crate::usage::Meter;
 use serde_json::json;
@@ -31,6 +31,8 @@ pub struct Served {
     pub endpoint: Option<EndpointId>,
 }
 
+// One per attempt, moved once: boxing `Ready` would cost an allocation per request.
+#[allow(clippy::large_enum_variant)]
 enum Attempt<'a> {
     /// An answer for the client, ready to be committed.
     Ready(Ready<'a>),
@@ -71,8 +73,9 @@ pub fn forward(
     let mut last: Option<Buffered> = None;
     let mut attempts = 0;
     let mut panicked = false;
-    let session = session(state, generation, request);
-    let stream = request.wants_stream();
+    let fields = request.fields();
+    let session = session(state, generation, request, &fields);
+    let stream = fields.stream;
     while attempts < config.max_attempts && !panicked {
         let Some((index, last_resort)) = choose(state, generation, &session, &tries, attempts)
         else {
@@ -192,7 +195,7 @@ fn give_up(
 /// A success's token usage is read as it passes and counted once it has been written.
 fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out: &mut ClientOut) {
     let Ready {
-        prepared,
+        mut prepared,
         success_after,
         _in_flight,
     } = ready;
@@ -200,7 +203,10 @@ fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out
         commit(prepared, out, idle, &mut Meter::Off);
         return;
     };
-    let mut meter = account::meter_for(&prepared);
+    let mut meter = match prepared.counted.take() {
+        Some(counted) => Meter::Counted(counted),
+        None => account::meter_for(&prepared),
+    };
     if prepared.rest.is_none() {
         state.record(endpoint, &Outcome::Success, elapsed);
         commit(prepared, out, idle, &mut meter);
@@ -227,12 +233,17 @@ struct Session {
     bound: Option<usize>,
 }
 
-fn session(state: &State, generation: &Generation, request: &ClientRequest) -> Option<Session> {
+fn session(
+    state: &State,
+    generation: &Generation,
+    request: &ClientRequest,
+    fields: &BodyFields,
+) -> Option<Session> {
     let ttl = generation.config.affinity_ttl;
     if ttl.is_zero() {
         return None;
     }
-    let key = crate::state::affinity::session_key(request)?;
+    let key = crate::state::affinity::session_key(request, fields)?;
     let now = Instant::now();
     let id = state.affinity.lookup(key, ttl, now);
     let bound = id.and_then(|id| {

@@ -29,6 +29,7 @@ pub(crate) fn commit(
         prefix,
         rest,
         sse,
+        counted: _,
     } = prepared;
     let mut sink = start(out, status, headers, framing)?;
     // The head goes out now, with the prefix if there is one: a stream's headers must

@@ -8,7 +8,7 @@
 //! costs it 16 bytes.
 
 use crate::state::endpoint::EndpointId;
-use crate::upstream::call::ClientRequest;
+use crate::upstream::call::{BodyFields, ClientRequest};
 use parking_lot::Mutex;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -47,15 +47,15 @@ impl fmt::Debug for SessionKey {
     }
 }
 
-/// The session key of a request (rule 9), hashed.
-pub fn session_key(request: &ClientRequest) -> Option<SessionKey> {
-    session_text(request).map(|text| SessionKey::of(&text))
+/// The session key of a request (rule 9), hashed; `fields` are its body's.
+pub fn session_key(request: &ClientRequest, fields: &BodyFields) -> Option<SessionKey> {
+    session_text(request, fields).map(|text| SessionKey::of(&text))
 }
 
 /// The session key's text: header `x-conversation-id`, header
 /// `x-claude-code-session-id`, body `conversation_id`, then the session inside body
 /// `metadata.user_id` (either form Claude Code sends), else that `user_id` whole.
-fn session_text(request: &ClientRequest) -> Option<String> {
+fn session_text(request: &ClientRequest, fields: &BodyFields) -> Option<String> {
     for header in ["x-conversation-id", "x-claude-code-session-id"] {
         if let Some(v) = request
             .header(header)
@@ -65,28 +65,10 @@ fn session_text(request: &ClientRequest) -> Option<String> {
             return Some(v.to_string());
         }
     }
-    let body = request.body.as_slice();
-    if !body.trim_ascii_start().starts_with(b"{") {
-        return None;
+    if let Some(id) = fields.conversation_id.as_ref().filter(|s| !s.is_empty()) {
+        return Some(id.clone());
     }
-    let fields: BodyFields = serde_json::from_slice(body).ok()?;
-    if let Some(id) = fields.conversation_id.filter(|s| !s.is_empty()) {
-        return Some(id);
-    }
-    let user_id = fields.metadata?.user_id?;
-    Some(session_of_user_id(&user_id))
-}
-
-/// Only the fields affinity needs; serde skips the rest of a 100 KB body without building it.
-#[derive(Deserialize)]
-struct BodyFields {
-    conversation_id: Option<String>,
-    metadata: Option<Metadata>,
-}
-
-#[derive(Deserialize)]
-struct Metadata {
-    user_id: Option<String>,
+    fields.user_id.as_deref().map(session_of_user_id)
 }
 
 /// `{"device_id":…,"account_uuid":…,"session_id":"<uuid>"}` serialised into the string
@@ -229,7 +211,7 @@ mod tests {
         ];
         for (req, expected) in cases {
             assert_eq!(
-                session_text(&req).as_deref(),
+                session_text(&req, &req.fields()).as_deref(),
                 expected,
                 "{:?}",
                 String::from_utf8_lossy(&req.body)
@@ -279,10 +261,11 @@ mod tests {
         let long = "s".repeat(60 * 1024);
         let (first, second) = (format!("{long}a"), format!("{long}b"));
         let header = |v: &str| request(&[("x-claude-code-session-id", v)], "{}");
-        let key_a = session_key(&header(&first)).unwrap();
-        let key_b = session_key(&header(&second)).unwrap();
+        let key = |v: &str| session_key(&header(v), &BodyFields::default());
+        let key_a = key(&first).unwrap();
+        let key_b = key(&second).unwrap();
         assert_ne!(key_a, key_b);
-        assert_eq!(session_key(&header(&first)), Some(key_a));
+        assert_eq!(key(&first), Some(key_a));
         assert_eq!(size_of::<SessionKey>(), 16);
         assert_eq!(key_a.to_string().len(), 8);
         assert_eq!(format!("{key_a:?}"), format!("SessionKey({key_a})"));

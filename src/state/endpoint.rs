@@ -12,8 +12,10 @@ use crate::state::health::{HealthStatus, Outcome, Verdict};
 use crate::state::sync::Mutex;
 use crate::usage::{Book, Usage, utc_day};
 use std::fmt;
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime};
+use ureq::http::{HeaderName, HeaderValue};
 
 pub use crate::endpoint_id::EndpointId;
 
@@ -27,6 +29,9 @@ pub struct Endpoint {
     health: Mutex<HealthStatus>,
     quota: Mutex<Quota>,
     usage: Mutex<Book>,
+    /// The header(s) carrying the key, built once (`upstream::call::key_headers`): every
+    /// attempt sends them, and building them cost allocations on each.
+    pub key_headers: OnceLock<Vec<(HeaderName, HeaderValue)>>,
 }
 
 /// The last rate-limit report an answer carried, and until when it keeps the endpoint
@@ -52,6 +57,7 @@ impl Endpoint {
             health: Mutex::new(HealthStatus::default()),
             quota: Mutex::new(Quota::default()),
             usage: Mutex::new(Book::default()),
+            key_headers: OnceLock::new(),
             config,
             agent,
         }

@@ -46,7 +46,7 @@ fn request(endpoint: &Endpoint, method: &str, path: &str) -> ureq::http::request
         .method(method)
         .uri(format!("{}{path}", endpoint.config.base_url));
     for (name, value) in crate::upstream::call::key_headers(endpoint) {
-        builder = builder.header(name, value);
+        builder = builder.header(name, value.clone());
     }
     builder.header("anthropic-version", "2023-06-01")
 }
