@@ -53,7 +53,11 @@ fn spent_what(report: &Report, reserve: u64) -> String {
 /// The meter for a successful answer: an event stream, or a JSON body.
 pub(crate) fn meter_for(prepared: &Prepared) -> Meter {
     let json = prepared.headers.iter().any(|(name, value)| {
-        name == "content-type" && value.trim_ascii_start().starts_with(b"application/json")
+        name == ureq::http::header::CONTENT_TYPE
+            && value
+                .as_bytes()
+                .trim_ascii_start()
+                .starts_with(b"application/json")
     });
     Meter::for_answer(prepared.sse, json)
 }

@@ -10,7 +10,7 @@ use crate::server::http_out::{ClientOut, Framing};
 use crate::upstream::call::{ClientRequest, HOP_BY_HOP};
 use crate::usage::{Counted, Counts, Tokens};
 use std::io::Read;
-use ureq::http::{self, HeaderMap};
+use ureq::http::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// At most this much is read from an upstream body at a time; whatever a read returns is
 /// written and flushed at once (stream.rs) or kept (here).
@@ -33,10 +33,14 @@ const PREAMBLE_CAP: usize = 64 * 1024;
 /// ureq's buffer, never more system calls.
 const OPENING_READ: usize = 2 * 1024;
 
+/// An answer's headers as the client gets them, moved out of ureq's map (an answer from
+/// Anthropic has 20-odd; copying each name and value cost two allocations apiece).
+pub(crate) type Fields = Vec<(HeaderName, HeaderValue)>;
+
 /// An upstream response held in memory: a failed attempt's answer, or a small body.
 pub(crate) struct Buffered {
     pub(crate) status: u16,
-    pub(crate) headers: Vec<(String, Vec<u8>)>,
+    pub(crate) headers: Fields,
     pub(crate) body: Vec<u8>,
 }
 
@@ -44,7 +48,7 @@ pub(crate) struct Buffered {
 /// before the commit point, and the rest still to be streamed.
 pub(crate) struct Prepared {
     pub(crate) status: u16,
-    pub(crate) headers: Vec<(String, Vec<u8>)>,
+    pub(crate) headers: Fields,
     pub(crate) framing: Framing,
     pub(crate) prefix: Vec<u8>,
     pub(crate) rest: Option<ureq::BodyReader<'static>>,
@@ -119,8 +123,8 @@ fn read_whole(body: &[u8]) -> (Option<String>, Option<Option<Counted>>) {
 }
 
 /// The upstream's headers as the client gets them: hop-by-hop and framing headers out
-/// (the framing is ours), everything else untouched.
-pub(crate) fn client_headers(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
+/// (the framing is ours), everything else untouched, in the upstream's order.
+pub(crate) fn client_headers(headers: HeaderMap) -> Fields {
     let listed: Vec<String> = headers
         .get_all(http::header::CONNECTION)
         .iter()
@@ -128,14 +132,30 @@ pub(crate) fn client_headers(headers: &HeaderMap) -> Vec<(String, Vec<u8>)> {
         .flat_map(|v| v.split(','))
         .map(|t| t.trim().to_ascii_lowercase())
         .collect();
-    headers
-        .iter()
-        .filter(|(n, _)| {
-            let n = n.as_str();
-            !HOP_BY_HOP.contains(&n) && n != "content-length" && !listed.iter().any(|t| t == n)
-        })
-        .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
-        .collect()
+    let passes = |n: &HeaderName| {
+        let n = n.as_str();
+        !HOP_BY_HOP.contains(&n) && n != "content-length" && !listed.iter().any(|t| t == n)
+    };
+    let mut fields: Fields = Vec::with_capacity(headers.len());
+    let mut passing = false;
+    // The map gives a name once, then None for each further value of it: the name is
+    // moved, and copied only for a header that comes more than once.
+    for (name, value) in headers {
+        match name {
+            Some(name) => {
+                passing = passes(&name);
+                if passing {
+                    fields.push((name, value));
+                }
+            }
+            None if passing => {
+                let name = fields.last().map(|(n, _)| n.clone());
+                fields.extend(name.map(|n| (n, value)));
+            }
+            None => {}
+        }
+    }
+    fields
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -166,7 +186,7 @@ fn is_encoded(headers: &HeaderMap) -> bool {
 /// Reads a failed attempt's body (bounded) so it can be the "last upstream response".
 pub(crate) fn buffer_error(
     status: u16,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     mut reader: ureq::BodyReader,
 ) -> Buffered {
     let mut body = Vec::new();
@@ -188,25 +208,26 @@ fn has_no_body(status: u16, request: &ClientRequest) -> bool {
 /// A response passed on as it comes (client errors, large or open-ended bodies).
 pub(crate) fn pass_through(
     status: u16,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     reader: ureq::BodyReader<'static>,
     request: &ClientRequest,
     out: &ClientOut,
 ) -> Prepared {
-    let length = content_length(headers);
+    let length = content_length(&headers);
     let framing = match (has_no_body(status, request), length) {
         (true, Some(n)) if request.method == http::Method::HEAD => Framing::Length(n),
         (true, _) => Framing::NoBody,
         (false, Some(n)) => Framing::Length(n),
         (false, None) => out.open_ended(),
     };
+    let sse = header_starts_with(&headers, http::header::CONTENT_TYPE, "text/event-stream");
     Prepared {
         status,
         headers: client_headers(headers),
         framing,
         prefix: Vec::new(),
         rest: (framing != Framing::NoBody).then_some(reader),
-        sse: header_starts_with(headers, http::header::CONTENT_TYPE, "text/event-stream"),
+        sse,
         counted: None,
     }
 }
@@ -217,14 +238,14 @@ pub(crate) type NotCommitted = (String, Option<Buffered>);
 /// for a soft error, an event stream's first event read and checked for an error event.
 pub(crate) fn prepare_success(
     status: u16,
-    headers: &HeaderMap,
+    headers: HeaderMap,
     mut reader: ureq::BodyReader<'static>,
     request: &ClientRequest,
     out: &ClientOut,
 ) -> Result<Prepared, NotCommitted> {
-    let sse = header_starts_with(headers, http::header::CONTENT_TYPE, "text/event-stream");
-    let length = content_length(headers).filter(|&n| n <= BUFFER_CAP);
-    if has_no_body(status, request) || is_encoded(headers) {
+    let sse = header_starts_with(&headers, http::header::CONTENT_TYPE, "text/event-stream");
+    let length = content_length(&headers).filter(|&n| n <= BUFFER_CAP);
+    if has_no_body(status, request) || is_encoded(&headers) {
         return Ok(pass_through(status, headers, reader, request, out));
     }
     if let (false, Some(n)) = (sse, length) {
@@ -238,7 +259,7 @@ pub(crate) fn prepare_success(
         if body.len() as u64 != n {
             return Err(("response body ended early".into(), None));
         }
-        let json = header_starts_with(headers, http::header::CONTENT_TYPE, "application/json");
+        let json = header_starts_with(&headers, http::header::CONTENT_TYPE, "application/json");
         let (soft_error, counted) = match json && status < 300 {
             true => read_whole(&body),
             false => (None, None),
@@ -410,6 +431,39 @@ mod tests {
             event_type(b"event: ping\ndata: {\"type\": \"ping\"}\n\n"),
             "ping"
         );
+    }
+
+    /// Every header but the hop-by-hop and framing ones reaches the client, a repeated one
+    /// with each of its values, in the upstream's order.
+    #[test]
+    fn client_headers_drop_hop_by_hop_and_framing_and_keep_every_value() {
+        let mut upstream = HeaderMap::new();
+        let pairs = [
+            ("content-type", "application/json"),
+            ("set-cookie", "a=1"),
+            ("connection", "keep-alive, X-Hop"),
+            ("set-cookie", "b=2"),
+            ("x-hop", "dropped: listed in connection"),
+            ("keep-alive", "timeout=5"),
+            ("content-length", "99"),
+            ("transfer-encoding", "chunked"),
+            ("anthropic-ratelimit-requests-remaining", "7"),
+        ];
+        for (name, value) in pairs {
+            upstream.append(name, HeaderValue::from_static(value));
+        }
+        let got: Vec<(String, String)> = client_headers(upstream)
+            .into_iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        let expected = [
+            ("content-type", "application/json"),
+            ("set-cookie", "a=1"),
+            ("set-cookie", "b=2"),
+            ("anthropic-ratelimit-requests-remaining", "7"),
+        ]
+        .map(|(n, v)| (n.to_string(), v.to_string()));
+        assert_eq!(got, expected);
     }
 
     #[test]

@@ -401,16 +401,16 @@ fn attempt<'a>(
     };
     match call::classify(status) {
         Class::ClientError if status == 404 && is_count_tokens(request) => {
-            let _drained_for_reuse = answer::buffer_error(status, &parts.headers, reader);
+            let _drained_for_reuse = answer::buffer_error(status, parts.headers, reader);
             Attempt::NoCountTokens
         }
         Class::ClientError => Attempt::Ready(Ready {
-            prepared: answer::pass_through(status, &parts.headers, reader, request, out),
+            prepared: answer::pass_through(status, parts.headers, reader, request, out),
             success_after: None,
             _in_flight: in_flight,
         }),
         Class::Auth => {
-            let answer = answer::buffer_error(status, &parts.headers, reader);
+            let answer = answer::buffer_error(status, parts.headers, reader);
             let reason = format!(
                 "HTTP {status}{}: the key was refused",
                 answer::error_kind(&answer)
@@ -418,7 +418,7 @@ fn attempt<'a>(
             failed(state, Outcome::AuthFailure(reason), answer)
         }
         Class::Forbidden => {
-            let answer = answer::buffer_error(status, &parts.headers, reader);
+            let answer = answer::buffer_error(status, parts.headers, reader);
             log::info!(
                 "endpoint {} ({}) may not serve this request: HTTP 403{}; trying the next",
                 endpoint.name(),
@@ -430,17 +430,17 @@ fn attempt<'a>(
         Class::RateLimited => {
             let default = config.rate_limit_cooldown;
             let until = call::cooldown_until(&parts.headers, default, Instant::now());
-            let answer = answer::buffer_error(status, &parts.headers, reader);
+            let answer = answer::buffer_error(status, parts.headers, reader);
             let reason = format!("HTTP 429{}: rate limited", answer::error_kind(&answer));
             failed(state, Outcome::RateLimited { until, reason }, answer)
         }
         Class::Failure => {
-            let answer = answer::buffer_error(status, &parts.headers, reader);
+            let answer = answer::buffer_error(status, parts.headers, reader);
             let reason = format!("HTTP {status}{}", answer::error_kind(&answer));
             failed(state, Outcome::Failure(reason), answer)
         }
         Class::Success => {
-            match answer::prepare_success(status, &parts.headers, reader, request, out) {
+            match answer::prepare_success(status, parts.headers, reader, request, out) {
                 Err(_) if idle::client_went_away() => Attempt::ClientGone,
                 Err((reason, answer)) => {
                     state.record(endpoint, &Outcome::Failure(reason), elapsed);

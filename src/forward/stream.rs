@@ -3,7 +3,7 @@
 //! mid-body is reported in-band (an SSE `error` event) or by a broken framing, and a
 //! client that hangs up stops the upstream read at once.
 
-use crate::forward::answer::{Buffered, PIECE, Prepared, body_error};
+use crate::forward::answer::{Buffered, Fields, PIECE, Prepared, body_error};
 use crate::server::http_out::{BodySink, ClientOut, Framing, error_body};
 use crate::upstream::idle;
 use crate::usage::Meter;
@@ -70,12 +70,12 @@ pub(crate) fn commit(
 fn start(
     out: &mut ClientOut,
     status: u16,
-    headers: Vec<(String, Vec<u8>)>,
+    headers: Fields,
     framing: Framing,
 ) -> Option<BodySink<'_>> {
     let fields: Vec<(&str, &[u8])> = headers
         .iter()
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
         .collect();
     out.start(status, &fields, framing).ok()
 }
@@ -165,7 +165,7 @@ pub(crate) fn deliver_buffered(out: &mut ClientOut, answer: &Buffered) {
     let headers: Vec<(&str, &[u8])> = answer
         .headers
         .iter()
-        .map(|(n, v)| (n.as_str(), v.as_slice()))
+        .map(|(n, v)| (n.as_str(), v.as_bytes()))
         .collect();
     let framing = Framing::Length(answer.body.len() as u64);
     if let Ok(mut sink) = out.start(answer.status, &headers, framing)
