@@ -302,12 +302,15 @@ fn read_head(
         return Err(HeadError::Closed);
     }
     let mut left = limits.max_head_bytes;
-    let mut next_line =
-        |reader: &mut BufReader<RefinedTcpStream>| read_line(reader, &mut left, deadline);
-    let mut line = next_line(reader)?;
+    // One buffer for every line of the head, not one allocation per line.
+    let mut line = Vec::with_capacity(256);
+    let mut next_line = |reader: &mut BufReader<RefinedTcpStream>, line: &mut Vec<u8>| {
+        read_line(reader, &mut left, deadline, line)
+    };
+    next_line(reader, &mut line)?;
     // RFC 9112 2.2: empty lines before a request line are ignored (the budget bounds them).
     while line.is_empty() {
-        line = next_line(reader)?;
+        next_line(reader, &mut line)?;
     }
     if line.len() > limits.max_line_bytes {
         return Err(HeadError::Refused(414, "the request line is longer than 8 KiB"));
@@ -315,7 +318,7 @@ fn read_head(
     let (method, target, version) = parse_request_line(&line)?;
     let mut headers = Vec::new();
     loop {
-        let line = next_line(reader)?;
+        next_line(reader, &mut line)?;
         if line.is_empty() {
             break;
         }
@@ -389,13 +392,14 @@ fn is_timeout(e: &std::io::Error) -> bool {
 }
 
 /// Reads one line (ended by LF, with or without CR before it) without its line end,
-/// counting it against `left`.
+/// into `line` (cleared first), counting it against `left`.
 fn read_line(
     reader: &mut BufReader<RefinedTcpStream>,
     left: &mut usize,
     deadline: Option<Instant>,
-) -> Result<Vec<u8>, HeadError> {
-    let mut line = Vec::new();
+    line: &mut Vec<u8>,
+) -> Result<(), HeadError> {
+    line.clear();
     loop {
         if reader.buffer().is_empty() {
             fill(reader, deadline)?;
@@ -417,7 +421,7 @@ fn read_line(
             if line.last() == Some(&b'\r') {
                 line.pop();
             }
-            return Ok(line);
+            return Ok(());
         }
     }
 }
