@@ -90,6 +90,30 @@ fn with_ca_file_twenty_json_and_sse_requests_succeed_over_one_tls_connection() {
     );
 }
 
+/// Every HTTPS connection to an endpoint shares one TLS setup, as one client would: the
+/// second and third connections (opened while the first two are busy with streams) resume
+/// the session the first one got, instead of a full handshake each. (A TLS setup per
+/// connection, as ureq makes for a request with a configuration of its own, held its own
+/// copy of the root store, some 60 KiB per HTTPS stream, and never resumed a session.)
+#[test]
+fn new_tls_connections_to_an_endpoint_resume_the_session_of_the_first() {
+    let ca = TestCa::new();
+    let rig = TlsRig::start(&ca, Fault::Gated, true, None);
+    let mut clients = Vec::new();
+    for n in 1..=3 {
+        let mut client = RawClient::connect(&rig.proxy.url);
+        client.send(&raw::messages_request(true, &[]));
+        let head = client.read_head().expect("the head of a held stream");
+        assert_eq!(head.status, 200, "stream {n}: {head:?}");
+        clients.push(client);
+    }
+    assert_eq!(
+        (rig.front.handshakes(), rig.front.resumed()),
+        (3, 2),
+        "three held streams, three TLS connections, two of them resumed"
+    );
+}
+
 #[test]
 fn sse_over_tls_reaches_the_client_event_by_event_while_the_upstream_holds_the_next() {
     let ca = TestCa::new();

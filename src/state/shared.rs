@@ -249,7 +249,7 @@ pub fn build_generation(
     config: Config,
     previous: Option<&Generation>,
 ) -> Result<Generation, String> {
-    let shared = agent::shared_agent(&config);
+    let mut shared = agent::SharedAgents::default();
     // Agents carry the connect and idle timeouts and the pool size: when those change,
     // every endpoint gets a new agent (and keeps its health all the same).
     let same_agents = previous.is_some_and(|p| {
@@ -262,10 +262,12 @@ pub fn build_generation(
         let old = previous.and_then(|p| p.endpoint(ec.id));
         let endpoint = match old {
             Some(e) if e.config == *ec && same_agents => e.clone(),
-            Some(e) => Arc::new(e.successor(ec.clone(), agent::agent_for(&config, ec, &shared)?)),
+            Some(e) => {
+                Arc::new(e.successor(ec.clone(), agent::agent_for(&config, ec, &mut shared)?))
+            }
             None => Arc::new(Endpoint::new(
                 ec.clone(),
-                agent::agent_for(&config, ec, &shared)?,
+                agent::agent_for(&config, ec, &mut shared)?,
             )),
         };
         endpoints.push(endpoint);

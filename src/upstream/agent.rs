@@ -5,7 +5,8 @@
 //! returned as responses, no automatic `user-agent`, `accept` or `accept-encoding` (the
 //! client's own headers pass through; the proxy never asks for an encoding the client did
 //! not), no decompression. One agent (one connection pool) is shared by every endpoint that
-//! needs no CA file and no outbound proxy; the others get their own.
+//! needs no CA file and no outbound proxy and has the same `timeout`; the others get their
+//! own.
 
 use crate::config::validated::{Config, EndpointConfig};
 use crate::upstream::idle::IdleConnector;
@@ -16,8 +17,21 @@ use ureq::tls::{Certificate, RootCerts, TlsConfig};
 /// Ten years: long enough never to cut a stream.
 const NO_BODY_DEADLINE: Duration = Duration::from_secs(10 * 365 * 86_400);
 
-fn base_config(config: &Config) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+/// An agent's settings for endpoints whose `timeout` is `timeout`. The timeout is the
+/// agent's, not each request's: ureq builds a new TLS configuration (the whole root store,
+/// an empty session cache) for every connection a request-level configuration opens,
+/// about 60 KiB held by each HTTPS connection and no session ever resumed.
+fn base_config(
+    config: &Config,
+    timeout: Duration,
+) -> ureq::config::ConfigBuilder<ureq::typestate::AgentScope> {
+    // The wait for the response headers, and the sending of the head and body should the
+    // upstream stop reading (both sends get it, so the socket's needs no change between).
+    let timeout = Some(timeout);
     ureq::Agent::config_builder()
+        .timeout_send_request(timeout)
+        .timeout_recv_response(timeout)
+        .timeout_send_body(timeout)
         .http_status_as_error(false)
         .max_redirects(0)
         .user_agent("")
@@ -69,9 +83,20 @@ fn output_buffer(config: &Config) -> usize {
     MAX_LINE_BYTES + ours.max().unwrap_or(0) + 64
 }
 
-/// The agent shared by every endpoint without a CA file or an outbound proxy.
-pub fn shared_agent(config: &Config) -> ureq::Agent {
-    new_agent(base_config(config).build(), config)
+/// The agents shared by endpoints without a CA file or an outbound proxy: one per
+/// `timeout` (one in all with the default config), made as they are first needed.
+#[derive(Default)]
+pub struct SharedAgents(Vec<(Duration, ureq::Agent)>);
+
+impl SharedAgents {
+    fn get(&mut self, config: &Config, timeout: Duration) -> ureq::Agent {
+        if let Some((_, agent)) = self.0.iter().find(|(t, _)| *t == timeout) {
+            return agent.clone();
+        }
+        let agent = new_agent(base_config(config, timeout).build(), config);
+        self.0.push((timeout, agent.clone()));
+        agent
+    }
 }
 
 /// Every upstream connection ends in `IdleConnector`, which bounds each body read, and
@@ -93,13 +118,13 @@ fn new_agent(agent_config: ureq::config::Config, config: &Config) -> ureq::Agent
 pub fn agent_for(
     config: &Config,
     endpoint: &EndpointConfig,
-    shared: &ureq::Agent,
+    shared: &mut SharedAgents,
 ) -> Result<ureq::Agent, String> {
     let proxy = proxy_for(endpoint, &|name| std::env::var(name).ok());
     if endpoint.ca_file.is_none() && proxy.is_none() {
-        return Ok(shared.clone());
+        return Ok(shared.get(config, endpoint.timeout));
     }
-    let mut builder = base_config(config);
+    let mut builder = base_config(config, endpoint.timeout);
     if let Some(path) = &endpoint.ca_file {
         let roots = root_certs_with(path)?;
         builder = builder.tls_config(TlsConfig::builder().root_certs(roots).build());

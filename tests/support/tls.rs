@@ -203,13 +203,20 @@ pub fn relay_plain(a: TcpStream, b: TcpStream) {
 /// bytes relayed to `backend` over a new connection per TLS connection.
 pub struct TlsFront {
     server: LoopbackServer,
-    handshakes: Arc<AtomicU64>,
+    handshakes: Arc<Handshakes>,
+}
+
+/// TLS handshakes completed, and how many of them resumed an earlier session.
+#[derive(Default)]
+struct Handshakes {
+    completed: AtomicU64,
+    resumed: AtomicU64,
 }
 
 impl TlsFront {
     pub fn start(ca: &TestCa, backend: SocketAddr) -> TlsFront {
         let config = ca.server_config();
-        let handshakes = Arc::new(AtomicU64::new(0));
+        let handshakes = Arc::new(Handshakes::default());
         let counter = handshakes.clone();
         let server = LoopbackServer::start(move |client| {
             let Ok(upstream) = TcpStream::connect(backend) else {
@@ -237,14 +244,24 @@ impl TlsFront {
 
     /// TLS handshakes completed.
     pub fn handshakes(&self) -> u64 {
-        self.handshakes.load(Ordering::SeqCst)
+        self.handshakes.completed.load(Ordering::SeqCst)
+    }
+
+    /// TLS handshakes completed that resumed a session the client had from an earlier one.
+    pub fn resumed(&self) -> u64 {
+        self.handshakes.resumed.load(Ordering::SeqCst)
     }
 }
 
 /// One TLS connection: client-to-backend on a thread of its own, backend-to-client here.
 /// The rustls state is shared under a lock; socket reads happen outside it, and each
 /// direction writes its TLS records under it, so records leave in sequence order.
-fn relay_tls(tls: ServerConnection, client: TcpStream, backend: TcpStream, handshakes: &AtomicU64) {
+fn relay_tls(
+    tls: ServerConnection,
+    client: TcpStream,
+    backend: TcpStream,
+    handshakes: &Handshakes,
+) {
     client.set_nodelay(true).expect("nodelay");
     backend.set_nodelay(true).expect("nodelay");
     let tls = Mutex::new(tls);
@@ -265,7 +282,7 @@ fn client_to_backend(
     tls: &Mutex<ServerConnection>,
     mut client: TcpStream,
     mut backend: TcpStream,
-    handshakes: &AtomicU64,
+    handshakes: &Handshakes,
 ) -> io::Result<()> {
     let mut counted = false;
     let mut piece = vec![0u8; PIECE];
@@ -279,7 +296,10 @@ fn client_to_backend(
             let plain = decrypt(&mut conn, &piece[..n], &mut client)?;
             if !counted && !conn.is_handshaking() {
                 counted = true;
-                handshakes.fetch_add(1, Ordering::SeqCst);
+                handshakes.completed.fetch_add(1, Ordering::SeqCst);
+                if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                    handshakes.resumed.fetch_add(1, Ordering::SeqCst);
+                }
             }
             plain
         };
