@@ -24,26 +24,11 @@ impl Nginx {
         let addr = TcpListener::bind("127.0.0.1:0").ok()?.local_addr().ok()?;
         let dir = std::env::temp_dir().join(format!("fp-bench-nginx-{}", std::process::id()));
         std::fs::create_dir_all(&dir).ok()?;
-        let d = dir.display();
-        let conf = format!(
-            "user root; worker_processes auto; daemon off; master_process on;
-error_log {d}/error.log error; pid {d}/nginx.pid; worker_rlimit_nofile 20000;
-events {{ worker_connections 8192; }}
-http {{
-  access_log off; keepalive_requests 10000000; keepalive_timeout 75s;
-  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
-  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
-  upstream mock {{ server {upstream}; keepalive 256; keepalive_requests 10000000; }}
-  server {{
-    listen {addr} backlog=4096;
-    client_body_buffer_size 1m; client_max_body_size 64m;
-    location / {{
-      proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection \"\";
-      proxy_buffering off; proxy_request_buffering on; tcp_nodelay on;
-    }}
-  }}
-}}
-"
+        let conf = conf(
+            upstream,
+            addr,
+            &dir,
+            "worker_processes auto; daemon off; master_process on;",
         );
         let conf_path = dir.join("nginx.conf");
         std::fs::write(&conf_path, conf).ok()?;
@@ -91,6 +76,37 @@ http {{
         }
         total
     }
+}
+
+/// nginx's configuration: a reverse proxy on `addr` in front of `upstream`, its files in
+/// `dir`; `processes` says how nginx runs (`master_process off` for one process).
+pub fn conf(
+    upstream: SocketAddr,
+    addr: SocketAddr,
+    dir: &std::path::Path,
+    processes: &str,
+) -> String {
+    let d = dir.display();
+    format!(
+        "user root; {processes}
+error_log {d}/error.log error; pid {d}/nginx.pid; worker_rlimit_nofile 20000;
+events {{ worker_connections 8192; }}
+http {{
+  access_log off; keepalive_requests 10000000; keepalive_timeout 75s;
+  client_body_temp_path {d}/body; proxy_temp_path {d}/proxy; fastcgi_temp_path {d}/fcgi;
+  uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;
+  upstream mock {{ server {upstream}; keepalive 256; keepalive_requests 10000000; }}
+  server {{
+    listen {addr} backlog=4096;
+    client_body_buffer_size 1m; client_max_body_size 64m;
+    location / {{
+      proxy_pass http://mock; proxy_http_version 1.1; proxy_set_header Connection \"\";
+      proxy_buffering off; proxy_request_buffering on; tcp_nodelay on;
+    }}
+  }}
+}}
+"
+    )
 }
 
 impl Drop for Nginx {
