@@ -179,12 +179,12 @@ fn check_head(config: &Config, request: &tiny_http::Request) -> Result<ClientReq
         .map_err(|_| bad("the request method is not valid".into()))?;
     // Every value is a slice of one shared buffer: a client's 15-odd headers cost one
     // allocation, not one each plus one more each time an attempt copies them.
-    let all: Vec<u8> = request
+    let values = request
         .headers()
         .iter()
-        .flat_map(|h| h.value.as_str().as_bytes())
-        .copied()
-        .collect();
+        .map(|h| h.value.as_str().as_bytes());
+    let mut all = Vec::with_capacity(values.clone().map(<[u8]>::len).sum());
+    values.for_each(|v| all.extend_from_slice(v));
     let all = bytes::Bytes::from(all);
     let mut start = 0;
     let mut headers = Vec::with_capacity(request.headers().len());
