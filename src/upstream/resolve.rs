@@ -27,6 +27,10 @@ const STALE: Duration = Duration::from_secs(3600);
 /// costs one lookup every few seconds, not one per request.
 const RETRY: Duration = Duration::from_secs(5);
 
+/// A refresh not over after this long is taken as abandoned (its request panicked, say), so
+/// that the next request refreshes instead of the old answer standing for ever.
+const ABANDONED: Duration = Duration::from_secs(60);
+
 /// At most this many names are kept (a config names a handful); past it the oldest goes.
 const MAX_NAMES: usize = 256;
 
@@ -49,8 +53,9 @@ struct Answer {
     at: Instant,
     /// Until when `addrs` are used without a new lookup.
     until: Instant,
-    /// A request is looking the name up again; the others use `addrs` meanwhile.
-    refreshing: bool,
+    /// Since when a request is looking the name up again; the others use `addrs`
+    /// meanwhile.
+    refreshing: Option<Instant>,
 }
 
 impl Answer {
@@ -96,10 +101,13 @@ impl<R: Resolver> CachingResolver<R> {
         let Some(answer) = answers.iter_mut().find(|a| a.is(scheme, authority)) else {
             return Cached::None;
         };
-        if now < answer.until || answer.refreshing {
+        let refreshing = answer
+            .refreshing
+            .is_some_and(|since| now.saturating_duration_since(since) < ABANDONED);
+        if now < answer.until || refreshing {
             return Cached::Fresh(answer.addrs.clone());
         }
-        answer.refreshing = true;
+        answer.refreshing = Some(now);
         Cached::Refresh(answer.addrs.clone(), answer.at)
     }
 
@@ -112,11 +120,11 @@ impl<R: Resolver> CachingResolver<R> {
                 answer.addrs = addrs.clone();
                 answer.at = now;
                 answer.until = now + self.fresh;
-                answer.refreshing = false;
+                answer.refreshing = None;
             }
             (Some(answer), None) if now.saturating_duration_since(answer.at) < self.stale => {
                 answer.until = now + RETRY.min(self.fresh);
-                answer.refreshing = false;
+                answer.refreshing = None;
             }
             (Some(_), None) => answers.retain(|a| !a.is(scheme, authority)),
             (None, Some(addrs)) => {
@@ -129,7 +137,7 @@ impl<R: Resolver> CachingResolver<R> {
                     addrs: addrs.clone(),
                     at: now,
                     until: now + self.fresh,
-                    refreshing: false,
+                    refreshing: None,
                 });
             }
             (None, None) => {}
@@ -237,6 +245,24 @@ mod tests {
         assert_eq!(lookup(&resolver, "https://relay.example/"), addr(3));
         assert_eq!(lookup(&resolver, "https://relay.example/"), addr(3));
         assert_eq!(resolver.inner.lookups.load(Ordering::SeqCst), 3);
+    }
+
+    /// Past `fresh`, the first request claims the refresh; the others meanwhile get the
+    /// answer there is, until the refresh ends or is abandoned.
+    #[test]
+    fn one_request_refreshes_an_old_answer_while_the_others_use_it() {
+        let resolver = CachingResolver::with(Counting::default(), Duration::ZERO, STALE);
+        assert_eq!(lookup(&resolver, "https://relay.example/"), addr(1));
+        let now = Instant::now();
+        let refreshed_by = |at: Instant| match resolver.cached("https", "relay.example", at) {
+            Cached::Refresh(..) => "this request",
+            Cached::Fresh(_) => "another",
+            Cached::None => "nobody",
+        };
+        assert_eq!(refreshed_by(now), "this request");
+        assert_eq!(refreshed_by(now), "another");
+        assert_eq!(refreshed_by(now + ABANDONED), "this request");
+        assert_eq!(refreshed_by(now + ABANDONED), "another");
     }
 
     #[test]
