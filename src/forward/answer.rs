@@ -123,7 +123,8 @@ fn read_whole(body: &[u8]) -> (Option<String>, Option<Option<Counted>>) {
 }
 
 /// The upstream's headers as the client gets them: hop-by-hop and framing headers out
-/// (the framing is ours), everything else untouched, in the upstream's order.
+/// (the framing is ours), everything else untouched, in the map's order (the values of a
+/// repeated header together).
 pub(crate) fn client_headers(headers: HeaderMap) -> Fields {
     let listed: Vec<String> = headers
         .get_all(http::header::CONNECTION)
@@ -434,7 +435,7 @@ mod tests {
     }
 
     /// Every header but the hop-by-hop and framing ones reaches the client, a repeated one
-    /// with each of its values, in the upstream's order.
+    /// with each of its values, in the map's order.
     #[test]
     fn client_headers_drop_hop_by_hop_and_framing_and_keep_every_value() {
         let mut upstream = HeaderMap::new();
