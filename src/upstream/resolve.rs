@@ -64,14 +64,6 @@ impl Answer {
     }
 }
 
-/// What the cache can give for a name right now.
-enum Cached {
-    Fresh(ResolvedSocketAddrs),
-    /// Old; this caller refreshes it and falls back on it if that fails.
-    Refresh(ResolvedSocketAddrs, Instant),
-    None,
-}
-
 impl CachingResolver {
     pub fn new() -> CachingResolver {
         CachingResolver::with(DefaultResolver::default(), FRESH, STALE)
@@ -94,40 +86,34 @@ impl<R: Resolver> CachingResolver<R> {
         }
     }
 
-    /// The cached answer for a name, claiming its refresh when it is old and nobody else
-    /// is refreshing it (one short lock; the lookup itself happens outside it).
-    fn cached(&self, scheme: &str, authority: &str, now: Instant) -> Cached {
+    /// The answer to use without a lookup, if there is one; None means this caller looks
+    /// the name up (an old answer's refresh is claimed, so the others go on using it).
+    /// One short lock; the lookup itself happens outside it.
+    fn cached(&self, scheme: &str, authority: &str, now: Instant) -> Option<ResolvedSocketAddrs> {
         let mut answers = self.answers.lock();
-        let Some(answer) = answers.iter_mut().find(|a| a.is(scheme, authority)) else {
-            return Cached::None;
-        };
+        let answer = answers.iter_mut().find(|a| a.is(scheme, authority))?;
         let refreshing = answer
             .refreshing
             .is_some_and(|since| now.saturating_duration_since(since) < ABANDONED);
         if now < answer.until || refreshing {
-            return Cached::Fresh(answer.addrs.clone());
+            return Some(answer.addrs.clone());
         }
         answer.refreshing = Some(now);
-        Cached::Refresh(answer.addrs.clone(), answer.at)
+        None
     }
 
-    /// Keeps a new answer (or, with `addrs` None, ends a failed refresh).
-    fn keep(&self, scheme: &str, authority: &str, addrs: Option<&ResolvedSocketAddrs>) {
+    /// Keeps a new answer for the name.
+    fn keep(&self, scheme: &str, authority: &str, addrs: &ResolvedSocketAddrs) {
         let now = Instant::now();
         let mut answers = self.answers.lock();
-        match (answers.iter_mut().find(|a| a.is(scheme, authority)), addrs) {
-            (Some(answer), Some(addrs)) => {
+        match answers.iter_mut().find(|a| a.is(scheme, authority)) {
+            Some(answer) => {
                 answer.addrs = addrs.clone();
                 answer.at = now;
                 answer.until = now + self.fresh;
                 answer.refreshing = None;
             }
-            (Some(answer), None) if now.saturating_duration_since(answer.at) < self.stale => {
-                answer.until = now + RETRY.min(self.fresh);
-                answer.refreshing = None;
-            }
-            (Some(_), None) => answers.retain(|a| !a.is(scheme, authority)),
-            (None, Some(addrs)) => {
+            None => {
                 if answers.len() >= MAX_NAMES {
                     answers.remove(0);
                 }
@@ -140,8 +126,24 @@ impl<R: Resolver> CachingResolver<R> {
                     refreshing: None,
                 });
             }
-            (None, None) => {}
         }
+    }
+
+    /// After a failed lookup: the last answer and its age while it is not stale (tried
+    /// again after `RETRY`); a stale one is dropped.
+    fn failed(&self, scheme: &str, authority: &str) -> Option<(ResolvedSocketAddrs, Duration)> {
+        let now = Instant::now();
+        let mut answers = self.answers.lock();
+        let index = answers.iter().position(|a| a.is(scheme, authority))?;
+        let answer = &mut answers[index];
+        let age = now.saturating_duration_since(answer.at);
+        if age >= self.stale {
+            answers.remove(index);
+            return None;
+        }
+        answer.until = now + RETRY.min(self.fresh);
+        answer.refreshing = None;
+        Some((answer.addrs.clone(), age))
     }
 }
 
@@ -156,31 +158,25 @@ impl<R: Resolver> Resolver for CachingResolver<R> {
             return self.inner.resolve(uri, config, timeout);
         };
         let name = authority.as_str();
-        let now = Instant::now();
-        let (old, since) = match self.cached(scheme, name, now) {
-            Cached::Fresh(addrs) => return Ok(addrs),
-            Cached::Refresh(addrs, at) => (Some(addrs), at),
-            Cached::None => (None, now),
-        };
+        if let Some(addrs) = self.cached(scheme, name, Instant::now()) {
+            return Ok(addrs);
+        }
         match self.inner.resolve(uri, config, timeout) {
             Ok(addrs) => {
-                self.keep(scheme, name, Some(&addrs));
+                self.keep(scheme, name, &addrs);
                 Ok(addrs)
             }
             Err(e) => {
-                self.keep(scheme, name, None);
-                let age = now.saturating_duration_since(since);
-                match old.filter(|_| age < self.stale) {
-                    Some(addrs) => {
-                        log::warn!(
-                            "looking up {scheme}://{name} failed ({e}); using the addresses \
-                             found {} s ago",
-                            age.as_secs()
-                        );
-                        Ok(addrs)
-                    }
-                    None => Err(e),
-                }
+                let Some((addrs, age)) = self.failed(scheme, name) else {
+                    return Err(e);
+                };
+                // The host only: an authority may carry credentials.
+                log::warn!(
+                    "looking up {} failed ({e}); using the addresses found {} s ago",
+                    authority.host(),
+                    age.as_secs()
+                );
+                Ok(addrs)
             }
         }
     }
@@ -255,9 +251,8 @@ mod tests {
         assert_eq!(lookup(&resolver, "https://relay.example/"), addr(1));
         let now = Instant::now();
         let refreshed_by = |at: Instant| match resolver.cached("https", "relay.example", at) {
-            Cached::Refresh(..) => "this request",
-            Cached::Fresh(_) => "another",
-            Cached::None => "nobody",
+            None => "this request",
+            Some(_) => "another",
         };
         assert_eq!(refreshed_by(now), "this request");
         assert_eq!(refreshed_by(now), "another");
