@@ -364,3 +364,74 @@ fn request_bodies_of_every_size_reach_the_upstream_whole() {
     );
     assert_eq!(recorded.len(), sizes.len() + 1);
 }
+
+/// Sends `n` streaming requests at once and holds them (the mock's gate) until all `n`
+/// are in flight on endpoint 0, then lets them finish and waits until none is.
+fn held_at_once(proxy: &Proxy, up: &MockUpstream, n: usize) {
+    up.set_fault(Fault::Gated);
+    let body = json!({"model": "m", "max_tokens": 5, "stream": true,
+                      "messages": [{"role": "user", "content": "hold"}]})
+    .to_string();
+    let held: Vec<_> = (0..n)
+        .map(|_| {
+            let (url, body) = (proxy.url.clone(), body.clone());
+            std::thread::spawn(move || post(&url, "/v1/messages", &body, &[]).0)
+        })
+        .collect();
+    let in_flight = || proxy.endpoint_stats(0)["in_flight"].as_u64();
+    wait_until("all held at once", || in_flight() == Some(n as u64));
+    up.set_fault(Fault::None);
+    for status in held.into_iter().map(|h| h.join().unwrap()) {
+        assert_eq!(status, 200);
+    }
+    // An attempt leaves flight only after its upstream answer is dropped: the connection
+    // is back in the pool by then.
+    wait_until("none in flight", || in_flight() == Some(0));
+}
+
+/// Upstream connections outlive their requests: requests one after another share one;
+/// three at once take three, and three more at once after them open none.
+#[test]
+fn upstream_connections_are_kept_for_the_next_requests() {
+    let up = mock(Fault::None);
+    let proxy = Proxy::start(&[&up], json!({}));
+    for _ in 0..4 {
+        assert_eq!(post_message(&proxy.url, &[]).0, 200);
+    }
+    assert_eq!(up.connections_accepted(), 1);
+    held_at_once(&proxy, &up, 3);
+    assert_eq!(up.connections_accepted(), 3);
+    held_at_once(&proxy, &up, 3);
+    assert_eq!(up.connections_accepted(), 3);
+}
+
+/// An answer with `connection: close` ends its connection: the next request opens another
+/// rather than write to a socket the upstream is closing.
+#[test]
+fn a_connection_the_answer_closes_is_not_kept() {
+    let up = mock(Fault::None);
+    up.set_headers(&[("connection", "close")]);
+    let proxy = Proxy::start(&[&up], json!({}));
+    for _ in 0..3 {
+        assert_eq!(post_message(&proxy.url, &[]).0, 200);
+    }
+    assert_eq!(up.connections_accepted(), 3);
+}
+
+/// An upstream that closes idle connections sooner than the proxy would reuse them (Node's
+/// keep-alive timeout is 5 s): a kept connection is looked at before it is used, so a
+/// closed one costs the request nothing and the endpoint no failure.
+#[test]
+fn a_kept_connection_the_upstream_closed_is_not_used_again() {
+    let up = mock(Fault::None);
+    up.set_close_after_answer(true);
+    let proxy = Proxy::start(&[&up], json!({}));
+    for n in 1..=3 {
+        assert_eq!(post_message(&proxy.url, &[]).0, 200);
+        wait_until("the upstream closed its end", || up.open_connections() == 0);
+        assert_eq!(up.connections_accepted(), n);
+    }
+    let health = &proxy.endpoint_stats(0)["health_status"];
+    assert_eq!(health["failed_requests"], 0);
+    assert_eq!(health["total_requests"], 3);
+}

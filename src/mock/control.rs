@@ -162,6 +162,13 @@ impl MockUpstream {
         self.shared.count_tokens_404.store(on, Ordering::SeqCst);
     }
 
+    /// When on, each connection is closed after its answer, which says nothing of it (no
+    /// `connection: close`): an upstream whose keep-alive timeout ends before its client
+    /// comes back (Node's default is 5 s).
+    pub fn set_close_after_answer(&self, on: bool) {
+        self.shared.close_after_answer.store(on, Ordering::SeqCst);
+    }
+
     /// Complete requests received (head and body read), on every route.
     pub fn requests(&self) -> u64 {
         self.shared.counters.requests.load(Ordering::SeqCst)

@@ -83,8 +83,8 @@ fn serve_connection(shared: &Shared, stream: TcpStream) {
     };
     loop {
         match serve_one(shared, &mut conn) {
-            Ok(Next::KeepAlive) => {}
-            Ok(Next::Close) => break,
+            Ok(Next::KeepAlive) if !shared.close_after_answer.load(Ordering::SeqCst) => {}
+            Ok(_) => break,
             Err(err) => {
                 debug!("mock upstream: connection ended: {err}");
                 break;

@@ -29,6 +29,8 @@ pub(super) struct Shared {
     stopped: AtomicBool,
     pub(super) name: Mutex<String>,
     pub(super) count_tokens_404: AtomicBool,
+    /// `MockUpstream::set_close_after_answer`.
+    pub(super) close_after_answer: AtomicBool,
     /// Header fields every answer carries (`MockUpstream::set_headers`).
     pub(super) headers: Mutex<Vec<(String, String)>>,
     pub(super) counters: Counters,
@@ -104,6 +106,7 @@ impl Shared {
             stopped: AtomicBool::new(false),
             name: Mutex::new(header_safe(name)),
             count_tokens_404: AtomicBool::new(false),
+            close_after_answer: AtomicBool::new(false),
             headers: Mutex::new(Vec::new()),
             counters: Counters::default(),
             recorded: Mutex::new(RecordLog::default()),

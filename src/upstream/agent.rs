@@ -10,6 +10,7 @@
 
 use crate::config::validated::{Config, EndpointConfig};
 use crate::upstream::idle::IdleConnector;
+use crate::upstream::pool::PoolConnector;
 use crate::upstream::wire::WireConnector;
 use std::time::Duration;
 use ureq::tls::{Certificate, RootCerts, TlsConfig};
@@ -51,15 +52,23 @@ fn base_config(
         .input_buffer_size(UPSTREAM_INPUT_BUFFER)
         .max_response_header_size(UPSTREAM_INPUT_BUFFER)
         .output_buffer_size(output_buffer(config))
-        // Every worker may hold one connection to the same upstream; a smaller pool would
-        // close connections that are needed again a moment later.
-        .max_idle_connections(4 * config.workers.max(64))
-        .max_idle_connections_per_host(config.workers.max(64))
+        // ureq's pool is off: idle connections are kept by `pool::PoolConnector`.
+        .max_idle_connections(0)
         .tls_config(
             TlsConfig::builder()
                 .root_certs(RootCerts::PlatformVerifier)
                 .build(),
         )
+}
+
+/// How long an upstream connection may wait idle for its next request (ureq's default
+/// for its own pool).
+const MAX_IDLE_AGE: Duration = Duration::from_secs(15);
+
+/// The idle connections kept per upstream host: every worker may hold one connection to
+/// the same upstream, and a smaller pool would close connections needed a moment later.
+fn idle_per_host(config: &Config) -> usize {
+    config.workers.max(64)
 }
 
 /// The largest upstream response head, and the read buffer of an upstream connection.
@@ -100,7 +109,8 @@ impl SharedAgents {
 }
 
 /// Every upstream connection ends in `IdleConnector`, which bounds each body read, and
-/// `WireConnector`, which saves writes and probes; host names go through `CachingResolver`.
+/// `WireConnector`, which saves writes and probes, and is kept between requests by
+/// `PoolConnector`; host names go through `CachingResolver`.
 fn new_agent(agent_config: ureq::config::Config, config: &Config) -> ureq::Agent {
     use crate::upstream::resolve::CachingResolver;
     use ureq::unversioned::transport::{Connector, DefaultConnector};
@@ -109,7 +119,8 @@ fn new_agent(agent_config: ureq::config::Config, config: &Config) -> ureq::Agent
             idle: config.idle_timeout,
         })
         .chain(WireConnector);
-    ureq::Agent::with_parts(agent_config, connector, CachingResolver::new())
+    let pooled = PoolConnector::new(connector, idle_per_host(config), MAX_IDLE_AGE);
+    ureq::Agent::with_parts(agent_config, pooled, CachingResolver::new())
 }
 
 /// The agent for one endpoint: the shared one, or its own when it has a CA file or goes

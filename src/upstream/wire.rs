@@ -5,11 +5,11 @@
 //!   holds the head back and sends it with the first piece of the body, or alone just
 //!   before the answer is awaited when no body follows (or an `expect: 100-continue`
 //!   awaits the go-ahead).
-//! - One liveness probe per reuse. ureq probes a pooled connection (a non-blocking read
-//!   between two `ioctl`s) when it returns it to the pool and again when it takes it out,
-//!   often microseconds later. The probe on taking it out is the one that matters (the
-//!   upstream may have closed it while it sat idle, and it sees stray bytes as well), so
-//!   the one on return is answered from memory.
+//! - One liveness probe per reuse. A kept connection is probed (a non-blocking read
+//!   between two `ioctl`s) when ureq decides to keep it and again when `pool.rs` takes it
+//!   out, often microseconds later. The probe on taking it out is the one that matters
+//!   (the upstream may have closed it while it sat idle, and it sees stray bytes as well),
+//!   so the one on return is answered from memory.
 
 use std::fmt;
 use ureq::Timeout;
@@ -109,8 +109,8 @@ impl<T: Transport> Transport for WireTransport<T> {
         self.inner.await_input(timeout)
     }
 
-    /// ureq asks on returning a connection to the pool (after a request: `used`) and on
-    /// taking it out; only the second looks at the socket.
+    /// Asked when ureq would keep a connection (after a request: `used`) and when the pool
+    /// takes it out; only the second looks at the socket.
     fn is_open(&mut self) -> bool {
         if std::mem::take(&mut self.used) {
             return true;
