@@ -1,7 +1,10 @@
 //! Short-request throughput and latency: direct to the mock upstream, through the proxy,
 //! and through nginx when it is installed, at 1, 16 and 64 keep-alive clients, in the same
-//! run (PERF-NOTES.md's table, measured by the bench itself). Prints figures; asserts
-//! nothing about time.
+//! run. Prints figures; asserts nothing about time.
+//!
+//! Two tables: the bench's own clients (a thread each, in this process), then, when wrk
+//! is installed, wrk's (two event-loop threads in a process of their own: how PERF-NOTES.md
+//! and issue 13's targets measured), three rounds interleaved, medians.
 //!
 //! `cargo bench --bench throughput` (set `SECONDS=N` for longer cells; default 3).
 
@@ -89,7 +92,72 @@ fn main() {
             d.max, p.max
         );
     }
+    let mut targets = vec![("direct", upstream.addr()), ("proxy", server.addr())];
+    targets.extend(nginx.as_ref().map(|n| ("nginx", n.addr)));
+    with_wrk(&targets, seconds);
     server.shutdown(Duration::from_secs(5));
+}
+
+/// The wrk table: for each connection count, each target's median req/s, p50 and p99 of
+/// three rounds (a round runs every cell once, so a noisy minute touches all alike), and
+/// the proxy's ratios to nginx.
+fn with_wrk(targets: &[(&str, SocketAddr)], seconds: u64) {
+    use common::wrk;
+    if !wrk::installed() {
+        println!(
+            "(wrk is not installed: apt-get install wrk for the table measured as PERF-NOTES.md was)"
+        );
+        return;
+    }
+    const COUNTS: [usize; 3] = [1, 16, 64];
+    let mut cells: Vec<Vec<Vec<wrk::Cell>>> = COUNTS
+        .iter()
+        .map(|_| targets.iter().map(|_| Vec::new()).collect())
+        .collect();
+    for _round in 0..3 {
+        for (c, &connections) in COUNTS.iter().enumerate() {
+            for (t, (_, addr)) in targets.iter().enumerate() {
+                cells[c][t].extend(wrk::run(*addr, connections, seconds, BODY));
+            }
+        }
+    }
+    println!("\nwrk -t2 --latency, {seconds} s per cell, medians of 3 interleaved rounds:");
+    println!(
+        "{:>5} {:>8} {:>10} {:>9} {:>9}",
+        "conns", "target", "rps", "p50 µs", "p99 µs"
+    );
+    for (c, &connections) in COUNTS.iter().enumerate() {
+        let medians: Vec<Option<[f64; 3]>> = cells[c].iter().map(|runs| medians(runs)).collect();
+        for ((name, _), m) in targets.iter().zip(&medians) {
+            match m {
+                Some([rps, p50, p99]) => {
+                    println!("{connections:>5} {name:>8} {rps:>10.0} {p50:>9.0} {p99:>9.0}")
+                }
+                None => println!("{connections:>5} {name:>8}   (wrk failed or saw errors)"),
+            }
+        }
+        if let (Some(Some(d)), Some(Some(p)), Some(Some(n))) =
+            (medians.first(), medians.get(1), medians.get(2))
+        {
+            println!(
+                "{connections:>5} proxy: {:.2}x nginx's rps, p99 {:.2}x nginx's, p50 +{:.0} µs over direct (nginx +{:.0})",
+                p[0] / n[0],
+                p[2] / n[2],
+                p[1] - d[1],
+                n[1] - d[1],
+            );
+        }
+    }
+}
+
+/// The median rps, p50 and p99 of some runs; None without runs.
+fn medians(runs: &[common::wrk::Cell]) -> Option<[f64; 3]> {
+    let median = |f: fn(&common::wrk::Cell) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
+    };
+    Some([median(|c| c.rps)?, median(|c| c.p50)?, median(|c| c.p99)?])
 }
 
 struct Cell {

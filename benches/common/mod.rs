@@ -25,6 +25,9 @@ pub fn start_proxy(mock: &MockUpstream, workers: usize) -> (Server, String) {
 #[allow(dead_code)]
 pub mod nginx;
 
+#[allow(dead_code)]
+pub mod wrk;
+
 /// A `Vm…:` figure of a `/proc/PID/status` text, in KiB.
 #[allow(dead_code)]
 pub fn status_kib(status: &str, field: &str) -> u64 {

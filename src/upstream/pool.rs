@@ -17,7 +17,7 @@
 use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use ureq::http::Uri;
 use ureq::http::uri::{Authority, Scheme};
@@ -42,7 +42,7 @@ impl<C: Connector> PoolConnector<C> {
         Pooled {
             inner: Some(transport),
             host,
-            idle: self.idle.clone(),
+            idle: Arc::downgrade(&self.idle),
             reusable: false,
         }
     }
@@ -75,12 +75,14 @@ impl<C: Connector> Connector for PoolConnector<C> {
     }
 }
 
-/// A connection lent to ureq; back to the pool when dropped, if ureq found it reusable.
+/// A connection lent to ureq; back to the pool when dropped, if ureq found it reusable
+/// and the pool is still there (its agent may have gone with a reloaded config while
+/// this connection streamed: then it is closed, as are the pool's).
 pub struct Pooled<T: Transport> {
     /// `Some` until dropped.
     inner: Option<T>,
     host: usize,
-    idle: Arc<Idle<T>>,
+    idle: Weak<Idle<T>>,
     reusable: bool,
 }
 
@@ -94,8 +96,9 @@ impl<T: Transport> Pooled<T> {
 
 impl<T: Transport> Drop for Pooled<T> {
     fn drop(&mut self) {
-        if let (true, Some(transport)) = (self.reusable, self.inner.take()) {
-            self.idle.put(self.host, transport, Instant::now());
+        if let (true, Some(idle)) = (self.reusable, self.idle.upgrade()) {
+            let transport = self.inner.take().expect("dropped once");
+            idle.put(self.host, transport, Instant::now());
         }
     }
 }
@@ -220,11 +223,87 @@ impl<T> Idle<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use ureq::unversioned::transport::LazyBuffers;
 
     const AGE: Duration = Duration::from_secs(15);
 
     fn uri(text: &str) -> Uri {
         text.parse().unwrap()
+    }
+
+    /// A transport that only says whether it is open, and counts its closes.
+    #[derive(Debug)]
+    struct Fake {
+        open: bool,
+        closed: Arc<AtomicUsize>,
+        buffers: LazyBuffers,
+    }
+
+    impl Transport for Fake {
+        fn buffers(&mut self) -> &mut dyn Buffers {
+            &mut self.buffers
+        }
+        fn transmit_output(&mut self, _: usize, _: NextTimeout) -> Result<(), ureq::Error> {
+            Ok(())
+        }
+        fn await_input(&mut self, _: NextTimeout) -> Result<bool, ureq::Error> {
+            Ok(false)
+        }
+        fn is_open(&mut self) -> bool {
+            self.open
+        }
+    }
+
+    impl Drop for Fake {
+        fn drop(&mut self) {
+            self.closed.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// A connection of host 0 lent to ureq.
+    fn lent(idle: &Arc<Idle<Fake>>, open: bool, closed: &Arc<AtomicUsize>) -> Pooled<Fake> {
+        let closed = closed.clone();
+        let buffers = LazyBuffers::new(1, 1);
+        Pooled {
+            inner: Some(Fake {
+                open,
+                closed,
+                buffers,
+            }),
+            host: 0,
+            idle: Arc::downgrade(idle),
+            reusable: false,
+        }
+    }
+
+    #[test]
+    fn a_lent_connection_comes_back_only_when_ureq_found_it_reusable() {
+        let idle = Arc::new(Idle::new(4, AGE));
+        let host = idle.host(&uri("http://a:1/"));
+        let closed = Arc::new(AtomicUsize::new(0));
+        let state = |idle: &Idle<Fake>| (idle.parked(host), closed.load(Ordering::SeqCst));
+        // ureq asked, and it is open: kept.
+        let mut kept = lent(&idle, true, &closed);
+        assert!(kept.is_open());
+        drop(kept);
+        assert_eq!(state(&idle), (1, 0));
+        // Dropped unasked (`connection: close`, a body left unread, an error): closed.
+        drop(lent(&idle, true, &closed));
+        assert_eq!(state(&idle), (1, 1));
+        // Asked, and the upstream had closed it: closed.
+        let mut dead = lent(&idle, false, &closed);
+        assert!(!dead.is_open());
+        drop(dead);
+        assert_eq!(state(&idle), (1, 2));
+        // Its pool went (a reload replaced the agent) while it was lent: closed, as the
+        // pool's own were.
+        let mut late = lent(&idle, true, &closed);
+        assert!(late.is_open());
+        drop(idle);
+        assert_eq!(closed.load(Ordering::SeqCst), 3);
+        drop(late);
+        assert_eq!(closed.load(Ordering::SeqCst), 4);
     }
 
     #[test]
