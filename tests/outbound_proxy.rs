@@ -101,3 +101,25 @@ fn no_proxy_from_the_environment_bypasses_https_proxy() {
     assert_eq!(outbound.tunnels(), 0, "NO_PROXY names the upstream's host");
     assert_eq!(upstream.front.handshakes(), 1);
 }
+
+/// A tunnel closed by ureq (its answer said `connection: close`) is closed whole. The
+/// socket to the proxy under it is no connection to the proxy any more: kept, the next
+/// tunnel's CONNECT would go through the old tunnel to the upstream and fail there.
+#[test]
+fn a_closed_tunnel_leaves_no_socket_for_the_next_connect() {
+    let upstream = TlsUpstream::start();
+    let outbound = ConnectProxy::start();
+    let endpoints = [upstream.endpoint(json!({"proxy": outbound.url()}))];
+    let proxy = Proxy::start(&[], json!({"endpoints": endpoints}));
+    let client = agent();
+    let send = || send_message(&client, &proxy.url, &[]).status;
+    assert_eq!(send(), 200, "the first tunnel, kept");
+    upstream.mock.set_headers(&[("connection", "close")]);
+    assert_eq!(send(), 200, "on the first tunnel, which is then closed");
+    upstream.mock.set_headers(&[]);
+    assert_eq!(send(), 200, "a second tunnel");
+    assert_eq!(outbound.tunnels(), 2);
+    let health = &proxy.endpoint_stats(0)["health_status"];
+    assert_eq!(health["failed_requests"], 0);
+    assert_eq!(health["total_requests"], 3);
+}

@@ -13,8 +13,14 @@
 //! connection `is_open` (after a request that left it reusable: answer read to the end,
 //! keep-alive); a `true` there is what brings the dropped connection back here. A
 //! connection that ends any other way is closed.
+//!
+//! Only the connections ureq asks for are kept. An HTTP proxy's tunnel is opened over a
+//! connection to the proxy that ureq makes from inside this connector (its CONNECT
+//! connector runs the whole chain again): that one is part of the tunnel, never kept on
+//! its own, or the next tunnel's CONNECT would go through the old tunnel.
 
 use parking_lot::Mutex;
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::sync::{Arc, Weak};
@@ -38,14 +44,24 @@ impl<C: Connector> PoolConnector<C> {
         }
     }
 
-    fn wrap(&self, transport: C::Out, host: usize) -> Pooled<C::Out> {
-        Pooled {
-            inner: Some(transport),
-            host,
-            idle: Arc::downgrade(&self.idle),
-            reusable: false,
+    /// A new connection from `inner`; one that `inner` makes meanwhile, for this one,
+    /// goes to no pool.
+    fn fresh(&self, details: &ConnectionDetails) -> Result<Option<C::Out>, ureq::Error> {
+        struct Making;
+        impl Drop for Making {
+            fn drop(&mut self) {
+                MAKING.set(false);
+            }
         }
+        MAKING.set(true);
+        let _making = Making;
+        self.inner.connect(details, None)
     }
+}
+
+thread_local! {
+    /// Set while this thread makes a connection through `inner`.
+    static MAKING: Cell<bool> = const { Cell::new(false) };
 }
 
 impl<C: Connector> fmt::Debug for PoolConnector<C> {
@@ -64,14 +80,19 @@ impl<C: Connector> Connector for PoolConnector<C> {
         details: &ConnectionDetails,
         _: Option<()>,
     ) -> Result<Option<Self::Out>, ureq::Error> {
+        if MAKING.get() {
+            // Part of the connection being made (a proxy tunnel's): never kept.
+            let part = self.inner.connect(details, None)?;
+            return Ok(part.map(|t| Pooled::new(t, usize::MAX, Weak::new())));
+        }
         let host = self.idle.host(details.uri);
+        let lend = |t| Pooled::new(t, host, Arc::downgrade(&self.idle));
         while let Some(mut transport) = self.idle.take(host, Instant::now()) {
             if transport.is_open() {
-                return Ok(Some(self.wrap(transport, host)));
+                return Ok(Some(lend(transport)));
             }
         }
-        let fresh = self.inner.connect(details, None)?;
-        Ok(fresh.map(|transport| self.wrap(transport, host)))
+        Ok(self.fresh(details)?.map(lend))
     }
 }
 
@@ -87,6 +108,16 @@ pub struct Pooled<T: Transport> {
 }
 
 impl<T: Transport> Pooled<T> {
+    /// Lent from `idle`'s `host`; `Weak::new()` for a connection never kept.
+    fn new(transport: T, host: usize, idle: Weak<Idle<T>>) -> Self {
+        Pooled {
+            inner: Some(transport),
+            host,
+            idle,
+            reusable: false,
+        }
+    }
+
     fn inner(&mut self) -> &mut T {
         self.inner
             .as_mut()
@@ -263,18 +294,12 @@ mod tests {
 
     /// A connection of host 0 lent to ureq.
     fn lent(idle: &Arc<Idle<Fake>>, open: bool, closed: &Arc<AtomicUsize>) -> Pooled<Fake> {
-        let closed = closed.clone();
-        let buffers = LazyBuffers::new(1, 1);
-        Pooled {
-            inner: Some(Fake {
-                open,
-                closed,
-                buffers,
-            }),
-            host: 0,
-            idle: Arc::downgrade(idle),
-            reusable: false,
-        }
+        let fake = Fake {
+            open,
+            closed: closed.clone(),
+            buffers: LazyBuffers::new(1, 1),
+        };
+        Pooled::new(fake, 0, Arc::downgrade(idle))
     }
 
     #[test]
