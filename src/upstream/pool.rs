@@ -27,7 +27,9 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 use ureq::http::Uri;
 use ureq::http::uri::{Authority, Scheme};
-use ureq::unversioned::transport::{Buffers, ConnectionDetails, Connector, NextTimeout, Transport};
+use ureq::unversioned::transport::{
+    Buffers, ConnectionDetails, Connector, NextTimeout, ShutdownHandle, Transport,
+};
 
 /// Around the whole connector chain: a kept connection, or a new one from `inner`.
 pub struct PoolConnector<C: Connector> {
@@ -46,6 +48,11 @@ impl<C: Connector> PoolConnector<C> {
 
     /// A new connection from `inner`; one that `inner` makes meanwhile, for this one,
     /// goes to no pool.
+    ///
+    /// Its socket is not registered with ureq for `Agent::shutdown` (which this crate
+    /// never calls): ureq keeps every registered socket's handle in a list that it walks
+    /// under its pool's mutex twice per request, O(open connections) each time, 1,000
+    /// with as many streams open.
     fn fresh(&self, details: &ConnectionDetails) -> Result<Option<C::Out>, ureq::Error> {
         struct Making;
         impl Drop for Making {
@@ -53,9 +60,21 @@ impl<C: Connector> PoolConnector<C> {
                 MAKING.set(false);
             }
         }
+        let unregistered = ConnectionDetails {
+            uri: details.uri,
+            addrs: details.addrs.clone(),
+            config: details.config,
+            request_level: details.request_level,
+            resolver: details.resolver,
+            now: details.now,
+            timeout: details.timeout,
+            current_time: details.current_time.clone(),
+            run_connector: details.run_connector.clone(),
+            register_shutdown: Arc::new(|_: Weak<dyn ShutdownHandle>| Ok(())),
+        };
         MAKING.set(true);
         let _making = Making;
-        self.inner.connect(details, None)
+        self.inner.connect(&unregistered, None)
     }
 }
 
