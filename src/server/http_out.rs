@@ -129,8 +129,16 @@ impl ClientOut {
         framing: Framing,
     ) -> io::Result<()> {
         let mut head = Vec::with_capacity(256);
-        let version = if self.http10 { "HTTP/1.0" } else { "HTTP/1.1" };
-        write!(head, "{version} {status} {}\r\n", reason_phrase(status))?;
+        let version = if self.http10 {
+            "HTTP/1.0 "
+        } else {
+            "HTTP/1.1 "
+        };
+        head.extend_from_slice(version.as_bytes());
+        push_decimal(&mut head, status.into());
+        head.push(b' ');
+        head.extend_from_slice(reason_phrase(status).as_bytes());
+        head.extend_from_slice(b"\r\n");
         for (name, value) in headers {
             head.extend_from_slice(name.as_bytes());
             head.extend_from_slice(b": ");
@@ -138,7 +146,11 @@ impl ClientOut {
             head.extend_from_slice(b"\r\n");
         }
         match framing {
-            Framing::Length(n) => write!(head, "content-length: {n}\r\n")?,
+            Framing::Length(n) => {
+                head.extend_from_slice(b"content-length: ");
+                push_decimal(&mut head, n);
+                head.extend_from_slice(b"\r\n");
+            }
             Framing::Chunked => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
             Framing::Close => head.extend_from_slice(b"connection: close\r\n"),
             Framing::NoBody => {}
@@ -284,11 +296,37 @@ pub fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
+/// Appends `n` in decimal: a head's status and length, written per answer, without the
+/// formatting machinery (`write!`).
+fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[at..]);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
+
+    #[test]
+    fn decimals_are_written_whole() {
+        for n in [0, 7, 200, 1_000_000, u64::MAX] {
+            let mut buf = b"x".to_vec();
+            push_decimal(&mut buf, n);
+            assert_eq!(buf, format!("x{n}").into_bytes());
+        }
+    }
 
     /// A writer the test can read back, and a count of the closes asked for.
     #[derive(Clone, Default)]

@@ -182,7 +182,10 @@ pub fn send(
     endpoint: &Endpoint,
     request: &ClientRequest,
 ) -> Result<http::Response<ureq::Body>, ureq::Error> {
-    let uri = format!("{}{}", endpoint.config.base_url, request.target);
+    let base = &endpoint.config.base_url;
+    let mut uri = String::with_capacity(base.len() + request.target.len());
+    uri.push_str(base);
+    uri.push_str(&request.target);
     let mut builder = http::Request::builder()
         .method(request.method.clone())
         .uri(uri);
