@@ -315,7 +315,6 @@ fn push_decimal(buf: &mut Vec<u8>, mut n: u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
