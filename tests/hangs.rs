@@ -215,7 +215,7 @@ fn a_response_head_over_the_limit_is_the_endpoints_failure() {
     fails_over(
         raw_upstream(big.leak().as_bytes(), false),
         json!({}),
-        "closed the connection",
+        "response header is too big",
     );
 }
 
