@@ -316,10 +316,14 @@ impl Events {
 
 /// A model name as a label and a key: printable ASCII, at most 64 characters.
 fn model_name(model: &str) -> String {
+    const LONGEST: usize = 64;
+    if model.len() <= LONGEST && !model.is_empty() && model.bytes().all(|b| b.is_ascii_graphic()) {
+        return model.to_owned();
+    }
     let name: String = model
         .chars()
         .filter(|c| c.is_ascii_graphic())
-        .take(64)
+        .take(LONGEST)
         .collect();
     if name.is_empty() {
         "unknown".into()
@@ -522,6 +526,17 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         big.feed(&vec![b' '; JSON_CAP]);
         big.feed(body);
         assert_eq!(big.finish(), None);
+    }
+
+    #[test]
+    fn model_names_are_printable_ascii_and_at_most_64_characters() {
+        assert_eq!(model_name("claude-sonnet-4-5"), "claude-sonnet-4-5");
+        assert_eq!(model_name("a b\n\u{7f}c\u{e9}d"), "abcd");
+        assert_eq!(model_name(&"m".repeat(64)), "m".repeat(64));
+        assert_eq!(model_name(&"m".repeat(65)), "m".repeat(64));
+        assert_eq!(model_name(&format!(" {}", "m".repeat(64))), "m".repeat(64));
+        assert_eq!(model_name(""), "unknown");
+        assert_eq!(model_name(" \t"), "unknown");
     }
 
     #[test]

@@ -231,7 +231,10 @@ const CHUNKED_PIECE: usize = 8 * 1024;
 fn read_body(config: &Config, request: &mut tiny_http::Request) -> Result<Vec<u8>, Rejection> {
     let max = config.max_body_bytes;
     let declared = request.body_length();
-    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(BODY_PIECE));
+    // One byte over what was declared: the read that finds the body's end asks for one
+    // more byte, which then needs no bigger buffer (a reallocation per request).
+    let room = declared.map_or(0, |n| n.saturating_add(1));
+    let mut body = Vec::with_capacity(room.min(BODY_PIECE));
     let reader = request.as_reader();
     loop {
         // Read into the vector itself (a stack buffer would stay resident in every
