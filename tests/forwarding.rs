@@ -23,6 +23,10 @@ fn forwards_to_a_healthy_endpoint_with_its_key() {
         Some(format!("Bearer {}", key(0)).as_str())
     );
     assert_eq!(rec[0].header("anthropic-version"), Some("2023-06-01"));
+    // The upstream's own host, not the one the client addressed (the proxy).
+    let hosts: Vec<_> = rec[0].headers.iter().filter(|(n, _)| n == "host").collect();
+    assert_eq!(hosts.len(), 1, "{:?}", rec[0].headers);
+    assert_eq!(hosts[0].1, up.addr().to_string());
 }
 
 /// `idle_timeout` bounds the wait for each body piece (here the slow endpoint's first SSE

@@ -32,6 +32,8 @@ pub struct Endpoint {
     /// The header(s) carrying the key, built once (`upstream::call::key_headers`): every
     /// attempt sends them, and building them cost allocations on each.
     pub key_headers: OnceLock<Vec<(HeaderName, HeaderValue)>>,
+    /// The `host` header of its requests, built once (`upstream::call::host_header`).
+    pub host_header: OnceLock<Option<HeaderValue>>,
 }
 
 /// The last rate-limit report an answer carried, and until when it keeps the endpoint
@@ -58,6 +60,7 @@ impl Endpoint {
             quota: Mutex::new(Quota::default()),
             usage: Mutex::new(Book::default()),
             key_headers: OnceLock::new(),
+            host_header: OnceLock::new(),
             config,
             agent,
         }

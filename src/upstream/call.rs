@@ -107,10 +107,10 @@ impl ClientRequest {
     }
 }
 
-/// The headers the upstream gets: the client's, less hop-by-hop ones, `host` (ureq sets
-/// the upstream's), the framing (ureq sets it from the body), `expect` (answered locally)
-/// and the client's credentials (always, whatever `auth` says); plus the endpoint's key in
-/// the header(s) its `auth` names and a default `anthropic-version`.
+/// The headers the upstream gets: the client's, less hop-by-hop ones, `host` (the
+/// upstream's own goes in), the framing (ureq sets it from the body), `expect` (answered
+/// locally) and the client's credentials (always, whatever `auth` says); plus the
+/// endpoint's key in the header(s) its `auth` names and a default `anthropic-version`.
 pub fn upstream_headers(request: &ClientRequest, endpoint: &Endpoint) -> HeaderMap {
     let dropped_by_connection = connection_tokens(&request.headers);
     let mut headers = HeaderMap::with_capacity(request.headers.len() + 3);
@@ -128,6 +128,9 @@ pub fn upstream_headers(request: &ClientRequest, endpoint: &Endpoint) -> HeaderM
     }
     for (name, value) in key_headers(endpoint) {
         headers.insert(name, value.clone());
+    }
+    if let Some(host) = host_header(endpoint) {
+        headers.insert(http::header::HOST, host.clone());
     }
     if !headers.contains_key("anthropic-version") {
         headers.insert("anthropic-version", HeaderValue::from_static("2023-06-01"));
@@ -162,6 +165,29 @@ fn build_key_headers(endpoint: &Endpoint) -> Vec<(HeaderName, HeaderValue)> {
             Some((name, value))
         })
         .collect()
+}
+
+/// The upstream's `host` header: its base URL's host, with the port when it is not the
+/// scheme's default (RFC 9110 7.2), as ureq writes it when a request has none. Built once
+/// per endpoint: ureq formatted it anew for every request.
+pub fn host_header(endpoint: &Endpoint) -> Option<&HeaderValue> {
+    endpoint
+        .host_header
+        .get_or_init(|| host_of(&endpoint.config.base_url))
+        .as_ref()
+}
+
+fn host_of(base_url: &str) -> Option<HeaderValue> {
+    let uri: http::Uri = base_url.parse().ok()?;
+    let host = uri.host()?;
+    let default = match uri.scheme_str() {
+        Some("https") => 443,
+        _ => 80,
+    };
+    match uri.port_u16().filter(|&port| port != default) {
+        Some(port) => HeaderValue::from_str(&format!("{host}:{port}")).ok(),
+        None => HeaderValue::from_str(host).ok(),
+    }
 }
 
 /// Header names listed in `Connection`, which are hop-by-hop for this message.
@@ -397,6 +423,27 @@ fn describe_tls(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_host_header_has_the_port_only_when_it_is_not_the_schemes_default() {
+        let cases = [
+            ("https://api.anthropic.com", Some("api.anthropic.com")),
+            ("https://relay.example:443/api", Some("relay.example")),
+            ("https://relay.example:8443/api", Some("relay.example:8443")),
+            ("http://127.0.0.1:80", Some("127.0.0.1")),
+            ("http://127.0.0.1:443", Some("127.0.0.1:443")),
+            ("http://[::1]:9000/v", Some("[::1]:9000")),
+            ("not a url", None),
+        ];
+        for (base_url, expected) in cases {
+            let host = host_of(base_url);
+            assert_eq!(
+                host.as_ref().map(|h| h.to_str().unwrap()),
+                expected,
+                "{base_url}"
+            );
+        }
+    }
 
     #[test]
     fn errors_are_described_by_where_they_happened() {
