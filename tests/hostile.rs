@@ -265,6 +265,38 @@ fn a_slowloris_head_is_cut_at_client_header_timeout() {
 }
 
 #[test]
+fn a_client_that_stops_reading_is_cut_at_client_send_timeout_and_its_upstream_request_with_it() {
+    let up = mock(Fault::None);
+    let mut binary = Binary::serve(&[up.url()], json!({"client_send_timeout": 0.3}));
+    let mut client = RawClient::connect(&binary.url);
+    // 32 MiB of events, far more than the socket buffers between the upstream and a client
+    // that reads nothing: the proxy's writes wait on the client.
+    let big = [("x-mock-events", "2000"), ("x-mock-event-bytes", "16384")];
+    client.send(&raw::messages_request(true, &big));
+    wait_until("the upstream request began", || up.requests() == 1);
+    // The mock gives up a blocked write only after 30 s: the upstream connection closes
+    // within `wait_until`'s 5 s only because the proxy gave up on the client and ended it.
+    wait_until("the upstream request ended", || up.open_connections() == 0);
+    client.set_read_timeout(std::time::Duration::from_secs(5));
+    let head = client.read_head().expect("the stream's head");
+    assert_eq!(head.status, 200);
+    let end = client
+        .read_chunked_body()
+        .expect_err("the whole stream arrived");
+    assert!(
+        !matches!(
+            end.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ),
+        "the connection was left open: {end}"
+    );
+    // The client's fault, not the endpoint's.
+    let health = &binary.stats()["endpoints"][0]["health_status"];
+    assert_eq!(health["failed_requests"], 0, "{health}");
+    still_serves(&mut binary);
+}
+
+#[test]
 fn a_newline_in_the_target_forges_no_log_line() {
     let (a, b, mut binary) = two_behind_binary(json!({}));
     let bytes = b"GET /v1/models\nINFO forged request line HTTP/1.1\r\nhost: 127.0.0.1\r\n\r\n";

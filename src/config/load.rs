@@ -54,6 +54,7 @@ struct RawConfig {
     admin_token: Option<String>,
     client_header_timeout: Option<f64>,
     client_body_timeout: Option<f64>,
+    client_send_timeout: Option<f64>,
     keepalive_timeout: Option<f64>,
     max_connections: Option<usize>,
     quota_reserve: Option<u64>,
@@ -241,6 +242,11 @@ fn validate(
         client_body_timeout: positive_seconds(
             "client_body_timeout",
             raw.client_body_timeout,
+            60.0,
+        )?,
+        client_send_timeout: positive_seconds(
+            "client_send_timeout",
+            raw.client_send_timeout,
             60.0,
         )?,
         keepalive_timeout: positive_seconds("keepalive_timeout", raw.keepalive_timeout, 75.0)?,

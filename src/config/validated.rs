@@ -110,6 +110,9 @@ pub struct Config {
     pub client_header_timeout: Duration,
     /// The longest wait between two reads of a request body (408, then close).
     pub client_body_timeout: Duration,
+    /// The longest a write to a client may wait for the client to read (its connection is
+    /// then closed, and the upstream request with it).
+    pub client_send_timeout: Duration,
     /// How long an idle kept-alive client connection stays open.
     pub keepalive_timeout: Duration,
     /// Open client connections at most; idle ones make room for new ones.

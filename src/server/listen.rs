@@ -144,6 +144,7 @@ fn limits(config: &Config) -> tiny_http::Limits {
         max_line_bytes: crate::upstream::agent::MAX_LINE_BYTES,
         header_timeout: Some(config.client_header_timeout),
         body_timeout: Some(config.client_body_timeout),
+        send_timeout: Some(config.client_send_timeout),
         keepalive_timeout: Some(config.keepalive_timeout),
         error_body: |status, message| ("application/json", error_body(error_kind(status), message)),
         max_connections: Some(config.max_connections),

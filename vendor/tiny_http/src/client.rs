@@ -73,6 +73,10 @@ impl ClientConnection {
     ) -> ClientConnection {
         let remote_addr = read_socket.peer_addr();
         let secure = read_socket.secure();
+        if let Some(wait) = limits.send_timeout {
+            // A failure leaves this connection's writes unbounded, as 0.12 left them all.
+            let _unbounded_on_failure = write_socket.set_write_timeout(Some(wait));
+        }
 
         let mut source = SequentialReaderBuilder::new(BufReader::with_capacity(4096, read_socket));
         let first_header = source.next().unwrap();

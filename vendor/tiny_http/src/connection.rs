@@ -106,6 +106,17 @@ impl Connection {
         }
     }
 
+    pub(crate) fn set_write_timeout(
+        &self,
+        timeout: Option<std::time::Duration>,
+    ) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_write_timeout(timeout),
+            #[cfg(unix)]
+            Self::Unix(s) => s.set_write_timeout(timeout),
+        }
+    }
+
     /// True when the peer has closed the connection (or reset it): a peek that does not
     /// wait finds the end of the stream. Data waiting to be read is not a close.
     pub(crate) fn peer_closed(&self) -> bool {

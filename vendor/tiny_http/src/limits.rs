@@ -29,6 +29,10 @@ pub struct Limits {
     /// How long a kept-alive connection may stay idle before its next request; closed
     /// silently after that.
     pub keepalive_timeout: Option<Duration>,
+    /// The longest one write to the client may wait for the client to read (set once per
+    /// connection); the write then fails with `TimedOut` or `WouldBlock` (nginx's
+    /// `send_timeout`). A client that stops reading holds its thread no longer.
+    pub send_timeout: Option<Duration>,
     /// The body of the answers written by the connection thread: (content type, body).
     pub error_body: fn(status: u16, message: &str) -> (&'static str, Vec<u8>),
     /// Open client connections at most (see `registry.rs`); None: no bound.
@@ -49,6 +53,7 @@ impl Default for Limits {
             header_timeout: None,
             body_timeout: None,
             keepalive_timeout: None,
+            send_timeout: None,
             error_body: |_, message| ("text/plain", message.as_bytes().to_vec()),
             max_connections: None,
             overflow_connections: 0,

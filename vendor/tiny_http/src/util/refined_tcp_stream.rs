@@ -57,6 +57,14 @@ impl Stream {
         }
     }
 
+    fn set_write_timeout(&self, timeout: Option<Duration>) -> IoResult<()> {
+        match self {
+            Stream::Http(connection) => connection.set_write_timeout(timeout),
+            #[cfg(any(feature = "ssl-openssl", feature = "ssl-rustls"))]
+            Stream::Https(_) => Ok(()),
+        }
+    }
+
     fn shutdown(&mut self, how: Shutdown) -> IoResult<()> {
         match self {
             Stream::Http(tcp_stream) => tcp_stream.shutdown(how),
@@ -151,6 +159,12 @@ impl RefinedTcpStream {
         self.stream.set_read_timeout(timeout)?;
         self.read_timeout.set(Some(timeout));
         Ok(())
+    }
+
+    /// Bounds every later write on this socket (both halves share it): a write that waits
+    /// longer for the peer to read fails with `WouldBlock` or `TimedOut`.
+    pub(crate) fn set_write_timeout(&self, timeout: Option<Duration>) -> IoResult<()> {
+        self.stream.set_write_timeout(timeout)
     }
 
     /// Sends what was written, then end-of-stream: the client sees the answer end.
