@@ -18,9 +18,14 @@ use std::time::Duration;
 /// Opens a stream through the proxy and reads its head and first event; the rest is read
 /// by `finish`.
 fn open_stream(url: &str) -> RawClient {
+    open_stream_with(url, &raw::messages_request(true, &[]))
+}
+
+/// `open_stream` with the request given.
+fn open_stream_with(url: &str, request: &[u8]) -> RawClient {
     let mut client = RawClient::connect(url);
     client.set_read_timeout(Duration::from_secs(60));
-    client.send(&raw::messages_request(true, &[]));
+    client.send(request);
     let head = client.read_head().expect("the stream's head");
     assert_eq!(head.status, 200);
     let first = client.events().next_event().expect("a first event");
@@ -158,6 +163,61 @@ fn health_answers_and_the_overflow_gets_529_while_every_connection_is_held() {
     assert_eq!(gated.requests(), 4);
     gated.set_fault(Fault::None);
     assert!(held.into_iter().all(finish));
+}
+
+/// A messages request whose body is `size` bytes or a few more (in `system`, which the
+/// mock does not echo).
+fn request_of(size: usize, stream: bool) -> Vec<u8> {
+    let body = json!({"model": "claude-test", "max_tokens": 16, "stream": stream,
+                      "system": "x".repeat(size),
+                      "messages": [{"role": "user", "content": "hello"}]});
+    let headers = [("content-type", "application/json")];
+    raw::request(
+        "POST",
+        "/v1/messages",
+        &headers,
+        body.to_string().as_bytes(),
+    )
+}
+
+#[test]
+fn the_request_bodies_held_at_once_are_bounded_by_max_body_memory() {
+    let gated = mock(Fault::Gated);
+    let limits = json!({"max_body_bytes": 1_000_000, "max_body_memory": 1_500_000});
+    let binary = Binary::serve(&[gated.url()], limits);
+    // A stream held open by the gate holds its 600 KB body until it ends.
+    let held = open_stream_with(&binary.url, &request_of(600_000, true));
+    // 900 KB more would pass 1.5 MB: 529 before it is all read, and nothing forwarded.
+    let mut client = RawClient::connect(&binary.url);
+    client.set_read_timeout(Duration::from_secs(10));
+    client.send(&request_of(900_000, false));
+    let head = client.read_head().unwrap();
+    assert_eq!(head.status, 529);
+    assert_eq!(head.header("retry-after"), Some("1"));
+    let body = client
+        .read_exact_body(head.content_length().unwrap())
+        .unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["error"]["type"], "overloaded_error");
+    assert!(
+        body["error"]["message"]
+            .to_string()
+            .contains("max_body_memory")
+    );
+    assert!(client.sees_close());
+    assert_eq!(gated.requests(), 1);
+    // What fits beside the held body still goes through.
+    let (status, _) = post_message(&binary.url, &[]);
+    assert_eq!(status, 200);
+    // The refused body's share and the small one's were given back; once the stream ends,
+    // so is its own, and the larger body fits.
+    gated.set_fault(Fault::None);
+    assert!(finish(held));
+    let mut client = RawClient::connect(&binary.url);
+    client.set_read_timeout(Duration::from_secs(10));
+    client.send(&request_of(900_000, false));
+    assert_eq!(client.read_head().unwrap().status, 200);
+    assert_eq!(gated.requests(), 3);
 }
 
 #[test]

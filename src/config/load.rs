@@ -42,6 +42,7 @@ struct RawConfig {
     max_attempts: Option<u32>,
     max_attempts_per_endpoint: Option<u32>,
     max_body_bytes: Option<usize>,
+    max_body_memory: Option<usize>,
     connect_timeout: Option<f64>,
     idle_timeout: Option<f64>,
     recovery_interval: Option<f64>,
@@ -212,6 +213,15 @@ fn validate(
     if recovery_max_interval < recovery_interval {
         return Err("recovery_max_interval: must not be less than recovery_interval".into());
     }
+    let max_body_bytes = raw.max_body_bytes.unwrap_or(32 * 1024 * 1024);
+    // Unset, it is never below max_body_bytes: a config that raised only that still loads.
+    let max_body_memory = raw.max_body_memory.unwrap_or(max_body_bytes.max(1 << 30));
+    if max_body_memory < max_body_bytes {
+        return Err(format!(
+            "max_body_memory: {max_body_memory} is less than max_body_bytes \
+             ({max_body_bytes}); a body of the largest size allowed could never be held"
+        ));
+    }
     let endpoints = validate_endpoints(raw.endpoints, env)?;
     Ok(Config {
         listen,
@@ -223,7 +233,8 @@ fn validate(
             raw.max_attempts_per_endpoint,
             2,
         )?,
-        max_body_bytes: raw.max_body_bytes.unwrap_or(32 * 1024 * 1024),
+        max_body_bytes,
+        max_body_memory,
         connect_timeout: positive_seconds("connect_timeout", raw.connect_timeout, 10.0)?,
         idle_timeout: positive_seconds("idle_timeout", raw.idle_timeout, 300.0)?,
         recovery_interval,

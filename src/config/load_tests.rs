@@ -19,6 +19,8 @@ fn minimal_config_gets_every_default() {
     assert_eq!(c.strategy, Strategy::PriorityFailover);
     assert_eq!((c.max_attempts, c.max_attempts_per_endpoint), (5, 2));
     assert_eq!(c.max_body_bytes, 33554432);
+    assert_eq!(c.max_body_memory, 1 << 30);
+    assert_eq!(c.client_send_timeout, Duration::from_secs(60));
     assert_eq!(c.connect_timeout, Duration::from_secs(10));
     assert_eq!(c.idle_timeout, Duration::from_secs(300));
     assert_eq!(c.recovery_interval, Duration::from_secs(60));
@@ -149,11 +151,28 @@ fn invalid_values_name_their_field() {
             r#"{"endpoints":[{"base_url":"http://a","api_key":"k"},{"base_url":"http://a/","api_key":"k"}]}"#,
             "endpoints[1]: same base_url",
         ),
+        (
+            r#"{"max_body_memory":1000,"endpoints":[{"base_url":"http://a","api_key":"k"}]}"#,
+            "max_body_memory: 1000 is less than max_body_bytes (33554432)",
+        ),
+        (
+            r#"{"client_send_timeout":0,"endpoints":[{"base_url":"http://a","api_key":"k"}]}"#,
+            "client_send_timeout: must be greater than 0",
+        ),
     ];
     for (text, expected) in cases {
         let err = parse(text).unwrap_err();
         assert!(err.contains(expected), "{text} → {err}");
     }
+}
+
+#[test]
+fn an_unset_max_body_memory_holds_at_least_one_body_of_max_body_bytes() {
+    let two_gib = 2usize << 30;
+    let text = format!(
+        r#"{{"max_body_bytes":{two_gib},"endpoints":[{{"base_url":"http://a","api_key":"k"}}]}}"#
+    );
+    assert_eq!(parse(&text).unwrap().max_body_memory, two_gib);
 }
 
 #[test]

@@ -96,6 +96,9 @@ pub struct Config {
     pub max_attempts: u32,
     pub max_attempts_per_endpoint: u32,
     pub max_body_bytes: usize,
+    /// Bytes of request bodies held in memory at once, all connections together (each is
+    /// held whole so that it can be sent again); a body that would pass it gets 529.
+    pub max_body_memory: usize,
     pub connect_timeout: Duration,
     pub idle_timeout: Duration,
     pub recovery_interval: Duration,

@@ -51,6 +51,7 @@ impl Server {
             stopping: AtomicBool::new(false),
             in_flight: AtomicUsize::new(0),
             ids: AtomicU64::new(1),
+            bodies: Default::default(),
         });
         let shared = serving.clone();
         let handler = Arc::new(move |request| serve_guarded(&shared, request));

@@ -31,6 +31,54 @@ pub(super) struct Serving {
     /// Requests being served now (the drain waits for 0).
     pub(super) in_flight: AtomicUsize,
     pub(super) ids: AtomicU64,
+    /// Bytes of request bodies held now, all connections together (`max_body_memory`).
+    pub(super) bodies: BodyBudget,
+}
+
+/// The bytes of request bodies held in memory at once. Each body is held whole until its
+/// request ends, so that it can be sent again: without a bound across connections,
+/// `max_body_bytes` times `max_connections` (128 GiB by default) was the only limit.
+#[derive(Default)]
+pub(super) struct BodyBudget(AtomicUsize);
+
+/// One request's part of the budget, given back when dropped (when the request ends).
+struct BodyShare<'a> {
+    budget: &'a BodyBudget,
+    bytes: usize,
+}
+
+impl BodyBudget {
+    fn share(&self) -> BodyShare<'_> {
+        BodyShare {
+            budget: self,
+            bytes: 0,
+        }
+    }
+}
+
+impl BodyShare<'_> {
+    /// Takes `more` bytes, unless all bodies together would then hold more than `limit`.
+    fn grow(&mut self, more: usize, limit: usize) -> bool {
+        let taken = self
+            .budget
+            .0
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
+                held.checked_add(more).filter(|&after| after <= limit)
+            });
+        self.bytes += if taken.is_ok() { more } else { 0 };
+        taken.is_ok()
+    }
+
+    fn give_back(&mut self, bytes: usize) {
+        self.bytes -= bytes;
+        self.budget.0.fetch_sub(bytes, Ordering::SeqCst);
+    }
+}
+
+impl Drop for BodyShare<'_> {
+    fn drop(&mut self) {
+        self.budget.0.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
 }
 
 /// A bug that panics while serving one request must not take its connection thread's
@@ -63,7 +111,8 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
     let connection = request.connection();
     let watched = connection.clone();
     let overflow = connection.as_ref().is_some_and(|c| c.is_overflow());
-    let checked = check_request(config, listen, overflow, &mut request);
+    let mut body_share = serving.bodies.share();
+    let checked = check_request(config, listen, overflow, &mut request, &mut body_share);
     let mut out = ClientOut::new(request.into_writer(), http10, head)
         .with_closer(Box::new(move || connection.iter().for_each(|c| c.close())));
     if serving.stopping.load(Ordering::SeqCst) || overflow {
@@ -124,6 +173,7 @@ fn check_request(
     listen: SocketAddr,
     overflow: bool,
     request: &mut tiny_http::Request,
+    share: &mut BodyShare,
 ) -> Result<ClientRequest, Rejection> {
     let mut head = check_head(config, request)?;
     let admin = is_admin_path(&head.target);
@@ -137,8 +187,15 @@ fn check_request(
     } else {
         check_access(config, &head).map_err(|m| (401, "authentication_error", m.into()))?;
     }
-    head.body = read_body(config, request)?;
+    head.body = read_body(config, request, share)?;
     Ok(head)
+}
+
+/// A body that would take the bodies held past `max_body_memory`.
+fn bodies_overloaded() -> Rejection {
+    let message =
+        "the proxy holds as many request bodies as it may (max_body_memory); retry shortly";
+    (529, "overloaded_error", message.into())
 }
 
 /// A connection let in beyond `max_connections` gets this for anything but the admin API.
@@ -227,8 +284,13 @@ const CHUNKED_PIECE: usize = 8 * 1024;
 
 /// Reads the body in bounded pieces (each read bounded by `client_body_timeout` on the
 /// socket): 413 past `max_body_bytes`, 408 for a client that stalls, 400 for a body that
-/// breaks off or a malformed chunk. `model_override` applies here.
-fn read_body(config: &Config, request: &mut tiny_http::Request) -> Result<Vec<u8>, Rejection> {
+/// breaks off or a malformed chunk, 529 when it would take the bodies held past
+/// `max_body_memory` (`share` counts what it holds). `model_override` applies here.
+fn read_body(
+    config: &Config,
+    request: &mut tiny_http::Request,
+    share: &mut BodyShare,
+) -> Result<Vec<u8>, Rejection> {
     let max = config.max_body_bytes;
     let declared = request.body_length();
     // One byte over what was declared: the read that finds the body's end asks for one
@@ -242,9 +304,15 @@ fn read_body(config: &Config, request: &mut tiny_http::Request) -> Result<Vec<u8
         // was declared, never by what was claimed alone.
         let len = body.len();
         let want = declared.map_or(CHUNKED_PIECE, |n| n.saturating_sub(len).max(1));
-        body.resize(len + want.min(BODY_PIECE).min(max + 1 - len), 0);
+        let room = want.min(BODY_PIECE).min(max + 1 - len);
+        if !share.grow(room, config.max_body_memory) {
+            return Err(bodies_overloaded());
+        }
+        body.resize(len + room, 0);
         let read = reader.read(&mut body[len..]);
-        body.truncate(len + read.as_ref().map_or(0, |n| *n));
+        let got = read.as_ref().map_or(0, |n| *n);
+        body.truncate(len + got);
+        share.give_back(room - got);
         match read {
             Ok(0) => break,
             Ok(_) if body.len() > max => return Err(too_large(max)),
