@@ -258,6 +258,50 @@ fn a_body_that_stalls_gets_408_after_client_body_timeout() {
 }
 
 #[test]
+fn a_body_cut_short_is_refused_and_never_forwarded() {
+    let (a, b, mut binary) = two_behind_binary(json!({}));
+    let start = r#"{"model":"claude-test","max_tokens":16,"messages":[{"role":"user","content":""#;
+    let padded = format!("{start}{}", "x".repeat(3000));
+    let mut by_length = head_with(&["content-type: application/json", "content-length: 5000"]);
+    by_length.extend_from_slice(padded.as_bytes());
+    let mut chunked = head_with(&[
+        "content-type: application/json",
+        "transfer-encoding: chunked",
+    ]);
+    chunked.extend_from_slice(format!("1388\r\n{padded}").as_bytes());
+    for bytes in [by_length, chunked] {
+        // The client ends its side in the middle of the body, and waits for the answer.
+        let mut client = RawClient::connect(&binary.url);
+        client.send(&bytes);
+        client.close_write();
+        let (status, body) = answer(&mut client);
+        assert_eq!((status, error_type(&body)), (400, "invalid_request_error"));
+        let message = body["error"]["message"].as_str().unwrap();
+        assert!(message.contains("the connection ended"), "{message}");
+    }
+    untouched(&a, &b, &binary);
+    still_serves(&mut binary);
+}
+
+#[test]
+fn an_endless_chunk_size_line_is_refused_at_4_kib() {
+    // 0.12's decoder kept the line in memory whatever its length: 300 MiB of digits from
+    // one connection was 300 MiB of memory, outside every body limit.
+    for line in ["0".repeat(100_000), format!("5;{}", "e".repeat(100_000))] {
+        let mut bytes = head_with(&["transfer-encoding: chunked"]);
+        bytes.extend_from_slice(line.as_bytes());
+        let extra = json!({});
+        refused_once(extra, &bytes, 400, "invalid_request_error");
+    }
+    let strict = ["+5\r\nhello\r\n0\r\n\r\n", "5 x\r\nhello\r\n0\r\n\r\n"];
+    for chunks in strict {
+        let mut bytes = head_with(&["transfer-encoding: chunked"]);
+        bytes.extend_from_slice(chunks.as_bytes());
+        refused_once(json!({}), &bytes, 400, "invalid_request_error");
+    }
+}
+
+#[test]
 fn a_slowloris_head_is_cut_at_client_header_timeout() {
     let bytes = b"POST /v1/messages HTTP/1.1\r\nhost: x\r\n";
     let extra = json!({"client_header_timeout": 0.3});

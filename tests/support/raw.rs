@@ -177,6 +177,11 @@ impl RawClient {
         }
     }
 
+    /// Ends what the client sends; it can still read (a half-close).
+    pub fn close_write(&self) {
+        let _already_closed_is_fine = self.writer.shutdown(Shutdown::Write);
+    }
+
     /// Closes both directions and the socket: the client hangs up.
     pub fn hang_up(self) {
         let _already_closed_is_fine = self.writer.shutdown(Shutdown::Both);

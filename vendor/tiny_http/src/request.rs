@@ -9,9 +9,8 @@ use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
 use crate::limits::{ConnState, ConnectionHandle};
-use crate::util::{EqualReader, FusedReader};
+use crate::util::{ChunkedReader, EqualReader, FusedReader};
 use crate::{HTTPVersion, Header, Method, Response, StatusCode};
-use chunked_transfer::Decoder;
 
 /// Represents an HTTP request made by a client.
 ///
@@ -256,7 +255,7 @@ where
         // if a transfer-encoding was specified, then "chunked" is ALWAYS applied
         // over the message (RFC2616 #3.6)
         Box::new(BodyReader::new(
-            FusedReader::new(Decoder::new(source_data)),
+            FusedReader::new(ChunkedReader::new(source_data)),
             &connection,
         )) as Box<dyn Read + Send + 'static>
     } else {

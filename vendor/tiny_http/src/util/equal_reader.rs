@@ -39,6 +39,13 @@ where
         };
 
         match self.reader.read(buf) {
+            // The connection ended before the body did: a body cut short is an error,
+            // never a shorter body (failover-proxy: 0.12 returned the end, and a
+            // truncated request was passed on as whole).
+            Ok(0) if !buf.is_empty() => Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                "the connection ended before the body's content-length",
+            )),
             Ok(len) => {
                 self.size -= len;
                 Ok(len)
@@ -70,6 +77,15 @@ mod tests {
         let mut string = String::new();
         org_reader.read_to_string(&mut string).unwrap();
         assert_eq!(string, " world");
+    }
+
+    #[test]
+    fn a_body_cut_short_is_an_error() {
+        let mut cut = EqualReader::new(std::io::Cursor::new(b"hel".to_vec()), 5);
+        let mut read = Vec::new();
+        let err = cut.read_to_end(&mut read).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+        assert_eq!(read, b"hel");
     }
 
     #[test]
