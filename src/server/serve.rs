@@ -65,7 +65,9 @@ impl BodyShare<'_> {
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
                 held.checked_add(more).filter(|&after| after <= limit)
             });
-        self.bytes += if taken.is_ok() { more } else { 0 };
+        if taken.is_ok() {
+            self.bytes += more;
+        }
         taken.is_ok()
     }
 
@@ -295,8 +297,8 @@ fn read_body(
     let declared = request.body_length();
     // One byte over what was declared: the read that finds the body's end asks for one
     // more byte, which then needs no bigger buffer (a reallocation per request).
-    let room = declared.map_or(0, |n| n.saturating_add(1));
-    let mut body = Vec::with_capacity(room.min(BODY_PIECE));
+    let capacity = declared.map_or(0, |n| n.saturating_add(1));
+    let mut body = Vec::with_capacity(capacity.min(BODY_PIECE));
     let reader = request.as_reader();
     loop {
         // Read into the vector itself (a stack buffer would stay resident in every

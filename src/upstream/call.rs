@@ -170,7 +170,7 @@ fn build_key_headers(endpoint: &Endpoint) -> Vec<(HeaderName, HeaderValue)> {
 /// The upstream's `host` header: its base URL's host, with the port when it is not the
 /// scheme's default (RFC 9110 7.2), as ureq writes it when a request has none. Built once
 /// per endpoint: ureq formatted it anew for every request.
-pub fn host_header(endpoint: &Endpoint) -> Option<&HeaderValue> {
+fn host_header(endpoint: &Endpoint) -> Option<&HeaderValue> {
     endpoint
         .host_header
         .get_or_init(|| host_of(&endpoint.config.base_url))
