@@ -18,9 +18,10 @@
 //!   selection, affinity, the recovery round, the history;
 //! - `config`: the config file, validated;
 //! - `quota`, `usage`: what upstream answers say of their limits and token counts;
-//! - `endpoint_id`, `time`: plain pieces at the bottom;
+//! - `endpoint_id`, `time`, `body_budget`: plain pieces at the bottom;
 //! - `mock`: the fault-injecting upstream of the tests, the benches and the demo.
 
+pub mod body_budget;
 pub mod cli;
 pub mod config;
 pub mod endpoint_id;

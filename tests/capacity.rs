@@ -166,31 +166,46 @@ fn health_answers_and_the_overflow_gets_529_while_every_connection_is_held() {
 }
 
 /// A messages request whose body is `size` bytes or a few more (in `system`, which the
-/// mock does not echo).
-fn request_of(size: usize, stream: bool) -> Vec<u8> {
+/// mock does not echo), with `headers` beside its content type.
+fn request_of(size: usize, stream: bool, headers: &[(&str, &str)]) -> Vec<u8> {
     let body = json!({"model": "claude-test", "max_tokens": 16, "stream": stream,
                       "system": "x".repeat(size),
                       "messages": [{"role": "user", "content": "hello"}]});
-    let headers = [("content-type", "application/json")];
-    raw::request(
-        "POST",
-        "/v1/messages",
-        &headers,
-        body.to_string().as_bytes(),
-    )
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    raw::request("POST", "/v1/messages", &all, body.to_string().as_bytes())
+}
+
+/// The status of the answer to `request` on a new connection.
+fn status_of(url: &str, request: &[u8]) -> u16 {
+    let mut client = RawClient::connect(url);
+    client.set_read_timeout(Duration::from_secs(10));
+    client.send(request);
+    client.read_head().expect("an answer").status
 }
 
 #[test]
 fn the_request_bodies_held_at_once_are_bounded_by_max_body_memory() {
-    let gated = mock(Fault::Gated);
+    let up = mock(Fault::Gated);
     let limits = json!({"max_body_bytes": 1_000_000, "max_body_memory": 1_500_000});
-    let binary = Binary::serve(&[gated.url()], limits);
-    // A stream held open by the gate holds its 600 KB body until it ends.
-    let held = open_stream_with(&binary.url, &request_of(600_000, true));
-    // 900 KB more would pass 1.5 MB: 529 before it is all read, and nothing forwarded.
+    let binary = Binary::serve(&[up.url()], limits);
+    // A stream past its commit point holds no body: its 600 KB was given back when its
+    // answer was committed, so 900 KB more fit while it runs.
+    let stream = open_stream_with(&binary.url, &request_of(600_000, true, &[]));
+    assert_eq!(
+        status_of(&binary.url, &request_of(900_000, false, &[])),
+        200
+    );
+    // A request that waits for its upstream's answer holds its 600 KB...
+    let mut waiting = RawClient::connect(&binary.url);
+    waiting.send(&request_of(600_000, false, &[("x-mock-fault", "hang")]));
+    wait_until("the upstream has the waiting request", || {
+        up.requests() == 3
+    });
+    // ...so 900 KB more would pass 1.5 MB: 529 before it is all read, nothing forwarded.
     let mut client = RawClient::connect(&binary.url);
     client.set_read_timeout(Duration::from_secs(10));
-    client.send(&request_of(900_000, false));
+    client.send(&request_of(900_000, false, &[]));
     let head = client.read_head().unwrap();
     assert_eq!(head.status, 529);
     assert_eq!(head.header("retry-after"), Some("1"));
@@ -205,19 +220,22 @@ fn the_request_bodies_held_at_once_are_bounded_by_max_body_memory() {
             .contains("max_body_memory")
     );
     assert!(client.sees_close());
-    assert_eq!(gated.requests(), 1);
-    // What fits beside the held body still goes through.
-    let (status, _) = post_message(&binary.url, &[]);
-    assert_eq!(status, 200);
-    // The refused body's share and the small one's were given back; once the stream ends,
-    // so is its own, and the larger body fits.
-    gated.set_fault(Fault::None);
-    assert!(finish(held));
-    let mut client = RawClient::connect(&binary.url);
-    client.set_read_timeout(Duration::from_secs(10));
-    client.send(&request_of(900_000, false));
-    assert_eq!(client.read_head().unwrap().status, 200);
-    assert_eq!(gated.requests(), 3);
+    assert_eq!(up.requests(), 3);
+    // What fits beside it still goes through.
+    assert_eq!(
+        status_of(&binary.url, &request_of(100_000, false, &[])),
+        200
+    );
+    // The waiting client goes away: its request ends, its share comes back (the proxy
+    // sees the client gone within a second), and 900 KB fit again.
+    waiting.hang_up();
+    let fits = within(Duration::from_secs(5), || {
+        std::thread::sleep(Duration::from_millis(100));
+        status_of(&binary.url, &request_of(900_000, false, &[])) == 200
+    });
+    assert!(fits, "the share of a request that ended was not given back");
+    up.set_fault(Fault::None);
+    assert!(finish(stream));
 }
 
 #[test]

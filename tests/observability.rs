@@ -144,6 +144,7 @@ fn admin_status(proxy: &Proxy, remote: &str, token: Option<&str>) -> u16 {
         target: "/__qcc__/stats".into(),
         headers,
         body: Vec::new(),
+        held: None,
     };
     let buffer = Shared::default();
     let mut out = ClientOut::new(Box::new(buffer.clone()), false, false);

@@ -65,7 +65,7 @@ struct Ready<'a> {
 pub fn forward(
     state: &State,
     generation: &Generation,
-    request: &ClientRequest,
+    request: &mut ClientRequest,
     out: &mut ClientOut,
 ) -> Served {
     let config = &generation.config;
@@ -109,6 +109,9 @@ pub fn forward(
                 if attempts > 1 {
                     state.counters.failovers.fetch_add(1, Ordering::Relaxed);
                 }
+                // No attempt follows a committed answer: the body is not held for a stream's
+                // minutes.
+                request.release_body();
                 // Counted before the client can see the answer, so stats read right after
                 // it already include it.
                 let done = served(state, status < 400, status, attempts, Some(endpoint.id()));

@@ -2,6 +2,7 @@
 //! (target, access, declared length) before the body is read in bounded pieces, then the
 //! admin API or the failover loop. A panic while serving is caught here.
 
+use crate::body_budget::{BodyBudget, Share};
 use crate::config::validated::Config;
 use crate::forward::failover::{self, send_error};
 use crate::server::admin::access::access;
@@ -32,55 +33,7 @@ pub(super) struct Serving {
     pub(super) in_flight: AtomicUsize,
     pub(super) ids: AtomicU64,
     /// Bytes of request bodies held now, all connections together (`max_body_memory`).
-    pub(super) bodies: BodyBudget,
-}
-
-/// The bytes of request bodies held in memory at once. Each body is held whole until its
-/// request ends, so that it can be sent again: without a bound across connections,
-/// `max_body_bytes` times `max_connections` (128 GiB by default) was the only limit.
-#[derive(Default)]
-pub(super) struct BodyBudget(AtomicUsize);
-
-/// One request's part of the budget, given back when dropped (when the request ends).
-struct BodyShare<'a> {
-    budget: &'a BodyBudget,
-    bytes: usize,
-}
-
-impl BodyBudget {
-    fn share(&self) -> BodyShare<'_> {
-        BodyShare {
-            budget: self,
-            bytes: 0,
-        }
-    }
-}
-
-impl BodyShare<'_> {
-    /// Takes `more` bytes, unless all bodies together would then hold more than `limit`.
-    fn grow(&mut self, more: usize, limit: usize) -> bool {
-        let taken = self
-            .budget
-            .0
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |held| {
-                held.checked_add(more).filter(|&after| after <= limit)
-            });
-        if taken.is_ok() {
-            self.bytes += more;
-        }
-        taken.is_ok()
-    }
-
-    fn give_back(&mut self, bytes: usize) {
-        self.bytes -= bytes;
-        self.budget.0.fetch_sub(bytes, Ordering::SeqCst);
-    }
-}
-
-impl Drop for BodyShare<'_> {
-    fn drop(&mut self) {
-        self.budget.0.fetch_sub(self.bytes, Ordering::SeqCst);
-    }
+    pub(super) bodies: Arc<BodyBudget>,
 }
 
 /// A bug that panics while serving one request must not take its connection thread's
@@ -113,14 +66,13 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
     let connection = request.connection();
     let watched = connection.clone();
     let overflow = connection.as_ref().is_some_and(|c| c.is_overflow());
-    let mut body_share = serving.bodies.share();
-    let checked = check_request(config, listen, overflow, &mut request, &mut body_share);
+    let checked = check_request(config, listen, overflow, &mut request, &serving.bodies);
     let mut out = ClientOut::new(request.into_writer(), http10, head)
         .with_closer(Box::new(move || connection.iter().for_each(|c| c.close())));
     if serving.stopping.load(Ordering::SeqCst) || overflow {
         out.close_after_answer();
     }
-    let request = match checked {
+    let mut request = match checked {
         Ok(r) => r,
         Err((status, kind, message)) => {
             // The body may be unread: the connection closes after this answer, and the
@@ -140,7 +92,7 @@ fn serve_one(serving: &Serving, mut request: tiny_http::Request, id: u64) {
     // the upstream request (and its cost) within a second.
     let client_gone = move || watched.as_ref().is_some_and(|c| c.peer_closed());
     let served = idle::watching(client_gone, || {
-        failover::forward(state, &generation, &request, &mut out)
+        failover::forward(state, &generation, &mut request, &mut out)
     });
     state.counters.latency.observe(started.elapsed());
     info!(
@@ -175,7 +127,7 @@ fn check_request(
     listen: SocketAddr,
     overflow: bool,
     request: &mut tiny_http::Request,
-    share: &mut BodyShare,
+    bodies: &Arc<BodyBudget>,
 ) -> Result<ClientRequest, Rejection> {
     let mut head = check_head(config, request)?;
     let admin = is_admin_path(&head.target);
@@ -189,7 +141,9 @@ fn check_request(
     } else {
         check_access(config, &head).map_err(|m| (401, "authentication_error", m.into()))?;
     }
-    head.body = read_body(config, request, share)?;
+    let mut share = bodies.share();
+    head.body = read_body(config, request, &mut share)?;
+    head.held = Some(share);
     Ok(head)
 }
 
@@ -267,6 +221,7 @@ fn check_head(config: &Config, request: &tiny_http::Request) -> Result<ClientReq
         target,
         headers,
         body: Vec::new(),
+        held: None,
     })
 }
 
@@ -291,7 +246,7 @@ const CHUNKED_PIECE: usize = 8 * 1024;
 fn read_body(
     config: &Config,
     request: &mut tiny_http::Request,
-    share: &mut BodyShare,
+    share: &mut Share,
 ) -> Result<Vec<u8>, Rejection> {
     let max = config.max_body_bytes;
     let declared = request.body_length();

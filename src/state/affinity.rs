@@ -171,6 +171,7 @@ mod tests {
                 })
                 .collect(),
             body: body.as_bytes().to_vec(),
+            held: None,
         }
     }
 

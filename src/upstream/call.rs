@@ -2,6 +2,7 @@
 //! endpoint's key), one attempt, and the classification of what came back. The agents
 //! that make the connections are `agent`'s.
 
+use crate::body_budget::Share;
 use crate::quota::Report;
 use crate::state::endpoint::Endpoint;
 use std::time::{Duration, Instant, SystemTime};
@@ -31,6 +32,8 @@ pub struct ClientRequest {
     /// Lower-case names, in the client's order.
     pub headers: Vec<(HeaderName, HeaderValue)>,
     pub body: Vec<u8>,
+    /// The body's part of `max_body_memory`, given back with the body.
+    pub held: Option<Share>,
 }
 
 /// What the proxy reads in a JSON request body: scanning a 100 KB body is most of the
@@ -97,6 +100,13 @@ impl ClientRequest {
             conversation_id: session.conversation_id,
             user_id: session.metadata.and_then(|m| m.user_id),
         }
+    }
+
+    /// Frees the body and gives back its part of `max_body_memory`: once an answer is
+    /// committed no attempt will send it again, and a stream may last minutes.
+    pub fn release_body(&mut self) {
+        self.body = Vec::new();
+        self.held = None;
     }
 
     pub fn header(&self, name: &str) -> Option<&str> {
@@ -497,6 +507,7 @@ mod tests {
                 target: "/v1/messages".into(),
                 headers: Vec::new(),
                 body: body.as_bytes().to_vec(),
+                held: None,
             }
             .fields()
         };

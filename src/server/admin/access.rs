@@ -227,6 +227,7 @@ mod tests {
             target: "/__qcc__/stats".into(),
             headers,
             body: Vec::new(),
+            held: None,
         }
     }
 
