@@ -269,7 +269,10 @@ fn a_body_cut_short_is_refused_and_never_forwarded() {
         "transfer-encoding: chunked",
     ]);
     chunked.extend_from_slice(format!("1388\r\n{padded}").as_bytes());
-    for bytes in [by_length, chunked] {
+    // A body of at most 1 KiB is read before the request reaches the proxy's own code.
+    let mut small = head_with(&["content-type: application/json", "content-length: 500"]);
+    small.extend_from_slice(start.as_bytes());
+    for bytes in [by_length, chunked, small] {
         // The client ends its side in the middle of the body, and waits for the answer.
         let mut client = RawClient::connect(&binary.url);
         client.send(&bytes);

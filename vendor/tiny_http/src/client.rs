@@ -185,6 +185,21 @@ impl ClientConnection {
                 );
                 None
             }
+            // A small body is read here, whole, before the handler sees the request: one
+            // cut short gets the same 400 the handler gives a larger one (the client may
+            // only have closed its sending side).
+            Err(RequestCreationError::CreationIoError(e))
+                if e.kind() == ErrorKind::ConnectionAborted =>
+            {
+                refuse(
+                    &mut self.sink,
+                    &self.state,
+                    &self.limits,
+                    400,
+                    "cannot read the request body: the connection ended before the body's content-length",
+                );
+                None
+            }
             Err(RequestCreationError::CreationIoError(_)) => None,
         }
     }
