@@ -149,8 +149,18 @@ fn health_answers_and_the_overflow_gets_529_while_every_connection_is_held() {
     let held: Vec<RawClient> = (0..4).map(|_| open_stream(&binary.url)).collect();
     let (status, body) = get(&format!("{}/__qcc__/health", binary.url));
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-    let mut client = RawClient::connect(&binary.url);
-    client.send(&raw::messages_request(false, &[]));
+    overloaded(&binary.url, &raw::messages_request(false, &[]));
+    assert_eq!(gated.requests(), 4);
+    gated.set_fault(Fault::None);
+    assert!(held.into_iter().all(finish));
+}
+
+/// Sends `request` on a new connection, which must get 529 `overloaded_error` with
+/// `retry-after: 1` and then close; the error's message.
+fn overloaded(url: &str, request: &[u8]) -> String {
+    let mut client = RawClient::connect(url);
+    client.set_read_timeout(Duration::from_secs(10));
+    client.send(request);
     let head = client.read_head().unwrap();
     assert_eq!(head.status, 529);
     assert_eq!(head.header("retry-after"), Some("1"));
@@ -160,9 +170,10 @@ fn health_answers_and_the_overflow_gets_529_while_every_connection_is_held() {
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body["error"]["type"], "overloaded_error");
     assert!(client.sees_close());
-    assert_eq!(gated.requests(), 4);
-    gated.set_fault(Fault::None);
-    assert!(held.into_iter().all(finish));
+    body["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A messages request whose body is `size` bytes or a few more (in `system`, which the
@@ -203,23 +214,8 @@ fn the_request_bodies_held_at_once_are_bounded_by_max_body_memory() {
         up.requests() == 3
     });
     // ...so 900 KB more would pass 1.5 MB: 529 before it is all read, nothing forwarded.
-    let mut client = RawClient::connect(&binary.url);
-    client.set_read_timeout(Duration::from_secs(10));
-    client.send(&request_of(900_000, false, &[]));
-    let head = client.read_head().unwrap();
-    assert_eq!(head.status, 529);
-    assert_eq!(head.header("retry-after"), Some("1"));
-    let body = client
-        .read_exact_body(head.content_length().unwrap())
-        .unwrap();
-    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(body["error"]["type"], "overloaded_error");
-    assert!(
-        body["error"]["message"]
-            .to_string()
-            .contains("max_body_memory")
-    );
-    assert!(client.sees_close());
+    let message = overloaded(&binary.url, &request_of(900_000, false, &[]));
+    assert!(message.contains("max_body_memory"), "{message}");
     assert_eq!(up.requests(), 3);
     // What fits beside it still goes through.
     assert_eq!(
