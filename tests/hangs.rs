@@ -115,6 +115,51 @@ fn pings_alone_after_the_first_content_end_the_stream_as_a_failure() {
 }
 
 #[test]
+fn comments_alone_after_the_first_content_end_the_stream_as_a_failure() {
+    // A relay that stalls after its first content, sending SSE comments where Anthropic
+    // would send pings.
+    let relay = LoopbackServer::start(|mut socket| {
+        if read_request(&mut socket).is_none() {
+            return;
+        }
+        let opening = concat!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n",
+            "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{}}\n\n",
+            "event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,",
+            "\"delta\":{\"type\":\"text_delta\",\"text\":\"hi\"}}\n\n",
+        );
+        let mut sent = socket.write_all(opening.as_bytes());
+        // Until the proxy goes away, or 30 s (then the test has failed already).
+        for _ in 0..300 {
+            if sent.is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            sent = socket.write_all(b": keep-alive\n\n");
+        }
+    });
+    let url = format!("http://{}", relay.addr());
+    let config = json!({"idle_timeout": 0.5,
+                        "endpoints": [endpoint_json(0, &url, json!({}))]});
+    let proxy = Proxy::start(&[], config);
+    let mut client = RawClient::connect(&proxy.url);
+    client.set_read_timeout(Duration::from_secs(20));
+    client.send(&raw::messages_request(true, &[]));
+    assert_eq!(client.read_head().expect("a head").status, 200);
+    let body = client.read_chunked_body().expect("a stream that ends");
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains("text_delta"), "{body}");
+    assert!(body.contains(": keep-alive"), "{body}");
+    assert!(
+        body.trim_end().ends_with("}") && body.contains("event: error"),
+        "{body}"
+    );
+    wait_until("the stalled stream recorded", || failed(&proxy, 0) == 1);
+    let last_error = proxy.endpoint_stats(0)["health_status"]["last_error"].to_string();
+    assert!(last_error.contains("only keep-alives"), "{last_error}");
+}
+
+#[test]
 fn abandoned_requests_leave_no_upstream_connection_open() {
     let hung = mock(Fault::Hang);
     let proxy = Proxy::start(&[&hung], json!({}));

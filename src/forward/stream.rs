@@ -124,9 +124,9 @@ fn pump(
         }
         meter.feed(&piece[..n]);
         match ping_limit {
-            Some(limit) if only_pings(&piece[..n]) => {
+            Some(limit) if keep_alive_only(&piece[..n]) => {
                 if progress_at.elapsed() >= limit {
-                    let reason = "the stream carried only pings for longer than idle_timeout";
+                    let reason = "the stream carried only keep-alives (pings, comments) for longer than idle_timeout";
                     return Pump::UpstreamBroke(reason.into());
                 }
             }
@@ -135,14 +135,26 @@ fn pump(
     }
 }
 
-/// A piece whose events are all `ping`s (at least one): a keep-alive, not progress. A
-/// piece without an `event:` line continues an event, which is progress.
-fn only_pings(piece: &[u8]) -> bool {
-    let mut names = piece
+/// A piece that carries nothing, a keep-alive rather than progress: `ping` events, SSE
+/// comments (`: keep-alive`, which relays send where Anthropic sends pings) and blank
+/// lines. Any other line is progress, the rest of an event begun in an earlier piece
+/// included.
+fn keep_alive_only(piece: &[u8]) -> bool {
+    let mut in_ping = false;
+    piece
         .split(|&b| b == b'\n')
-        .filter_map(|line| line.strip_prefix(b"event:"))
-        .map(|name| name.trim_ascii());
-    names.next() == Some(b"ping") && names.all(|name| name == b"ping")
+        .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+        .all(|line| {
+            if let Some(name) = line.strip_prefix(b"event:") {
+                in_ping = name.trim_ascii() == b"ping";
+                return in_ping;
+            }
+            let data_of_ping = in_ping && line.starts_with(b"data:");
+            if line.is_empty() {
+                in_ping = false;
+            }
+            line.is_empty() || line.starts_with(b":") || data_of_ping
+        })
 }
 
 /// After an upstream failure mid-body: an event stream gets a final `event: error` in
@@ -177,17 +189,30 @@ pub(crate) fn deliver_buffered(out: &mut ClientOut, answer: &Buffered) {
 
 #[cfg(test)]
 mod tests {
-    use super::only_pings;
+    use super::keep_alive_only;
 
     #[test]
-    fn only_ping_events_are_not_progress() {
+    fn pings_comments_and_blank_lines_are_not_progress() {
         let ping = b"event: ping\ndata: {\"type\": \"ping\"}\n\n";
-        assert!(only_pings(ping));
-        assert!(only_pings(&[&ping[..], &ping[..]].concat()));
+        assert!(keep_alive_only(ping));
+        assert!(keep_alive_only(&[&ping[..], &ping[..]].concat()));
+        assert!(keep_alive_only(b": keep-alive\n\n"));
+        assert!(keep_alive_only(b":\r\n\r\n: ping\n\n"));
+        assert!(keep_alive_only(b"\n"));
         let delta = b"event: content_block_delta\ndata: {}\n\n";
-        assert!(!only_pings(&[&ping[..], &delta[..]].concat()));
-        assert!(!only_pings(delta));
-        // The rest of an event begun in an earlier piece is progress.
-        assert!(!only_pings(b"\"text\":\"more\"}}\n\n"));
+        assert!(!keep_alive_only(&[&ping[..], &delta[..]].concat()));
+        assert!(!keep_alive_only(
+            &[&b": keep-alive\n\n"[..], &delta[..]].concat()
+        ));
+        assert!(!keep_alive_only(delta));
+        // Data with no event line, and the rest of an event begun in an earlier piece.
+        assert!(!keep_alive_only(
+            b"data: {\"type\":\"content_block_delta\"}\n\n"
+        ));
+        assert!(!keep_alive_only(b"\"text\":\"more\"}}\n\n"));
+        // A ping's data does not make a later data line a ping's.
+        assert!(!keep_alive_only(
+            &[&ping[..], &b"data: {}\n\n"[..]].concat()
+        ));
     }
 }
