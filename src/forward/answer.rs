@@ -260,26 +260,25 @@ pub(crate) fn prepare_success(
         if body.len() as u64 != n {
             return Err(("response body ended early".into(), None));
         }
-        let json = header_starts_with(&headers, http::header::CONTENT_TYPE, "application/json");
-        let (soft_error, counted) = match json && status < 300 {
-            true => read_whole(&body),
-            false => (None, None),
-        };
-        if let Some(kind) = soft_error {
-            let answer = Buffered {
-                status,
-                headers: client_headers(headers),
-                body,
-            };
-            return Err((
-                format!("HTTP {status} with an error inside ({kind})"),
-                Some(answer),
-            ));
+        return whole(status, headers, body, reader, request, out);
+    }
+    let json = header_starts_with(&headers, http::header::CONTENT_TYPE, "application/json");
+    if json && content_length(&headers).is_none() {
+        // A JSON body of unknown length (chunked, or up to the connection's end), as relays
+        // often send one: read up to the same bound before committing, so that a soft
+        // error or a break within it still fails over. Past the bound it is passed on with
+        // what was read in front. (Other bodies of unknown length may be streams under
+        // another name: they pass on as they come.)
+        let mut body = Vec::new();
+        let read = (&mut reader).take(BUFFER_CAP + 1).read_to_end(&mut body);
+        if let Err(e) = read {
+            return Err((body_error(&e), None));
+        }
+        if body.len() as u64 <= BUFFER_CAP {
+            return whole(status, headers, body, reader, request, out);
         }
         let mut prepared = pass_through(status, headers, reader, request, out);
         prepared.prefix = body;
-        prepared.rest = None;
-        prepared.counted = counted;
         return Ok(prepared);
     }
     let mut prepared = pass_through(status, headers, reader, request, out);
@@ -305,6 +304,41 @@ pub(crate) fn prepare_success(
             }
         }
     }
+    Ok(prepared)
+}
+
+/// A 2xx/3xx body read whole before the commit point: a JSON one in Anthropic's error
+/// shape is a soft error (not committed); otherwise its usage is read and it goes out with
+/// its length.
+fn whole(
+    status: u16,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    reader: ureq::BodyReader<'static>,
+    request: &ClientRequest,
+    out: &ClientOut,
+) -> Result<Prepared, NotCommitted> {
+    let json = header_starts_with(&headers, http::header::CONTENT_TYPE, "application/json");
+    let (soft_error, counted) = match json && status < 300 {
+        true => read_whole(&body),
+        false => (None, None),
+    };
+    if let Some(kind) = soft_error {
+        let answer = Buffered {
+            status,
+            headers: client_headers(headers),
+            body,
+        };
+        return Err((
+            format!("HTTP {status} with an error inside ({kind})"),
+            Some(answer),
+        ));
+    }
+    let mut prepared = pass_through(status, headers, reader, request, out);
+    prepared.framing = Framing::Length(body.len() as u64);
+    prepared.prefix = body;
+    prepared.rest = None;
+    prepared.counted = counted;
     Ok(prepared)
 }
 
