@@ -14,8 +14,9 @@ use std::time::{Duration, Instant};
 /// off after the commit point (an endpoint failure). A client that hangs up ends the
 /// upstream read at once (the upstream connection is dropped with the reader, not pooled)
 /// and is nobody's failure.
-/// A stream that carries nothing but `ping`s for `idle` is ended as broken: pings are not
-/// progress. `meter` reads each piece after it was written (token usage).
+/// A stream that carries nothing but keep-alives (pings, comments) for `idle` is ended as
+/// broken: they are not progress. `meter` reads each piece after it was written (token
+/// usage).
 pub(crate) fn commit(
     prepared: Prepared,
     out: &mut ClientOut,
