@@ -138,10 +138,7 @@ fn comments_alone_after_the_first_content_end_the_stream_as_a_failure() {
             sent = socket.write_all(b": keep-alive\n\n");
         }
     });
-    let url = format!("http://{}", relay.addr());
-    let config = json!({"idle_timeout": 0.5,
-                        "endpoints": [endpoint_json(0, &url, json!({}))]});
-    let proxy = Proxy::start(&[], config);
+    let proxy = only_behind(&relay, json!({"idle_timeout": 0.5}));
     let mut client = RawClient::connect(&proxy.url);
     client.set_read_timeout(Duration::from_secs(20));
     client.send(&raw::messages_request(true, &[]));
@@ -278,6 +275,13 @@ fn a_chunked_json_body_that_breaks_off_fails_over() {
     fails_over(raw_upstream(broken, false), json!({}), "broke off");
 }
 
+/// The proxy with `upstream` as its only endpoint and `extra` settings.
+fn only_behind(upstream: &LoopbackServer, mut extra: Value) -> Proxy {
+    let url = format!("http://{}", upstream.addr());
+    extra["endpoints"] = json!([endpoint_json(0, &url, json!({}))]);
+    Proxy::start(&[], extra)
+}
+
 /// A 200 JSON answer sent chunked, one chunk per part.
 fn chunked_json(parts: &[&str]) -> &'static [u8] {
     let mut answer = String::from(
@@ -308,10 +312,7 @@ fn a_chunked_json_answer_reaches_the_client_whole_with_its_length() {
     let answer = r#"{"type":"message","content":[],"usage":{"input_tokens":3,"output_tokens":4}}"#;
     let (a, b) = answer.split_at(30);
     let upstream = raw_upstream(chunked_json(&[a, b]), false);
-    let proxy = Proxy::start(
-        &[],
-        json!({"endpoints": [endpoint_json(0, &format!("http://{}", upstream.addr()), json!({}))]}),
-    );
+    let proxy = only_behind(&upstream, json!({}));
     let mut client = RawClient::connect(&proxy.url);
     client.send(&raw::messages_request(false, &[]));
     let head = client.read_head().expect("a head");
@@ -328,10 +329,7 @@ fn a_chunked_body_of_another_type_is_committed_at_its_head_and_its_break_reaches
     // cannot fail over then: the client's body ends broken, and the endpoint is charged.
     let broken = b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n2\r\nhi\r\nzz\r\n";
     let upstream = raw_upstream(broken, false);
-    let proxy = Proxy::start(
-        &[],
-        json!({"endpoints": [endpoint_json(0, &format!("http://{}", upstream.addr()), json!({}))]}),
-    );
+    let proxy = only_behind(&upstream, json!({}));
     let mut client = RawClient::connect(&proxy.url);
     client.send(&raw::messages_request(false, &[]));
     let head = client.read_head().expect("the committed head");
@@ -366,11 +364,7 @@ fn a_body_that_trickles_forever_is_cut_at_timeout() {
 fn a_pooled_connection_the_upstream_closed_is_not_used_again() {
     let answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 18\r\n\r\n{\"type\":\"message\"}";
     let upstream = raw_upstream(answer, false);
-    let url = format!("http://{}", upstream.addr());
-    let proxy = Proxy::start(
-        &[],
-        json!({"endpoints": [endpoint_json(0, &url, json!({}))]}),
-    );
+    let proxy = only_behind(&upstream, json!({}));
     for i in 0..3 {
         let answer = send_message(&agent(), &proxy.url, &[]);
         assert_eq!(answer.status, 200, "request {i}: {}", answer.text());
