@@ -1,8 +1,9 @@
-//! The bytes of request bodies held in memory at once, all connections together
-//! (`max_body_memory`). A body is held whole while its request may still be sent again
-//! (until its answer is committed, or the request ends): without a bound across
-//! connections, `max_body_bytes` times `max_connections` (128 GiB by default) was the only
-//! limit.
+//! The bytes of bodies held in memory at once, all connections together
+//! (`max_body_memory`). A request body is held whole while its request may still be sent
+//! again (until its answer is committed, or the request ends); an answer read whole before
+//! the commit point (up to 8 MiB) is held until it is written. Without a bound across
+//! connections, `max_body_bytes` times `max_connections` (128 GiB by default) and 8 MiB
+//! times `max_connections` (32 GiB) were the only limits.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +48,11 @@ impl Share {
         taken.is_ok()
     }
 
+    /// An empty share of the same budget: an answer's, beside its request's.
+    pub fn sibling(&self) -> Share {
+        self.budget.share()
+    }
+
     /// Gives back `bytes` of what this share took.
     pub fn give_back(&mut self, bytes: usize) {
         let bytes = bytes.min(self.bytes);
@@ -74,6 +80,8 @@ mod tests {
         assert!(!b.grow(500, 1000), "1100 bytes held under a limit of 1000");
         assert!(b.grow(400, 1000));
         assert_eq!(budget.held(), 1000);
+        let mut answer = a.sibling();
+        assert!(!answer.grow(1, 1000), "a sibling draws on the same budget");
         a.give_back(100);
         assert_eq!(budget.held(), 900);
         drop(a);

@@ -6,13 +6,15 @@
 
 use crate::support::binary::Binary;
 use crate::support::raw::{self, RawClient};
+use crate::support::tls::{LoopbackServer, read_request};
 use crate::support::*;
 use failover_proxy::mock::fault::Fault;
 use serde_json::json;
 use std::io::Read;
 use std::net::TcpStream;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 /// Opens a stream through the proxy and reads its head and first event; the rest is read
@@ -255,4 +257,114 @@ fn sigterm_stops_accepting_at_once_and_lets_the_stream_finish() {
     assert!(refused, "the listener kept accepting during the drain");
     assert!(finished, "the stream in flight did not finish");
     assert_eq!(code, Some(0));
+}
+
+/// The size of the relay's answers in the tests of answers held before the commit point.
+const ANSWER: usize = 600_000;
+
+/// A JSON answer of `ANSWER` bytes (its text pads it out).
+fn big_answer() -> String {
+    let frame = json!({"type": "message", "role": "assistant", "model": "claude-test",
+                       "content": [{"type": "text", "text": ""}],
+                       "usage": {"input_tokens": 5, "output_tokens": 7}});
+    let pad = ANSWER - frame.to_string().len();
+    let mut answer = frame;
+    answer["content"][0]["text"] = json!("x".repeat(pad));
+    answer.to_string()
+}
+
+/// A relay that sends `big_answer`'s head and first 90 % at once and the rest when `gate`
+/// opens (or after 30 s, when the test has failed), with a content-length or chunked;
+/// one answer a connection. (A body of unknown length takes its part of
+/// `max_body_memory` as it arrives: two halves would fit in 1 MB.)
+fn half_then_gate(gate: Arc<AtomicBool>, chunked: bool) -> LoopbackServer {
+    use std::io::Write;
+    LoopbackServer::start(move |mut socket| {
+        if read_request(&mut socket).is_none() {
+            return;
+        }
+        let body = big_answer();
+        let (first, rest) = body.split_at(ANSWER / 10 * 9);
+        let framing = match chunked {
+            true => "transfer-encoding: chunked".to_string(),
+            false => format!("content-length: {ANSWER}"),
+        };
+        let piece = |text: &str| match chunked {
+            true => format!("{:x}\r\n{text}\r\n", text.len()),
+            false => text.to_string(),
+        };
+        let head = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n{framing}\r\n\r\n"
+        );
+        let _proxy_may_be_gone = socket.write_all((head + &piece(first)).as_bytes());
+        for _ in 0..3000 {
+            if gate.load(Ordering::SeqCst) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let end = if chunked { "0\r\n\r\n" } else { "" };
+        let _proxy_may_be_gone = socket.write_all((piece(rest) + end).as_bytes());
+    })
+}
+
+/// A client of the proxy in its own thread: sends a small request, notes when the answer's
+/// head arrives, and returns the whole body.
+fn answer_in_background(url: &str, head_seen: Arc<AtomicBool>) -> JoinHandle<Vec<u8>> {
+    let mut client = RawClient::connect(url);
+    client.set_read_timeout(Duration::from_secs(60));
+    client.send(&raw::messages_request(false, &[]));
+    std::thread::spawn(move || {
+        let head = client.read_head().expect("the answer's head");
+        assert_eq!(head.status, 200);
+        head_seen.store(true, Ordering::SeqCst);
+        match head.content_length() {
+            Some(n) => client.read_exact_body(n),
+            None => client.read_chunked_body(),
+        }
+        .expect("the answer's body")
+    })
+}
+
+#[test]
+fn answers_read_whole_take_their_part_of_max_body_memory_and_one_that_does_not_fit_passes_on() {
+    for chunked in [false, true] {
+        let gate = Arc::new(AtomicBool::new(false));
+        let relay = half_then_gate(gate.clone(), chunked);
+        let limits = json!({"max_body_bytes": 1_000_000, "max_body_memory": 1_000_000});
+        let binary = Binary::serve(&[format!("http://{}", relay.addr())], limits);
+        // Two answers of 600 KB. The first to arrive is read whole before the commit point
+        // (its head waits for its last byte, so a break or a soft error in it could still
+        // fail over). The second does not fit beside it in 1 MB, so it passes on as it
+        // comes: its head and what was read reach the client while the gate is closed.
+        let seen = [(); 2].map(|_| Arc::new(AtomicBool::new(false)));
+        let clients = seen
+            .clone()
+            .map(|seen| answer_in_background(&binary.url, seen));
+        let heads = || seen.iter().filter(|s| s.load(Ordering::SeqCst)).count();
+        wait_until("one answer's head has arrived", || heads() >= 1);
+        // Time for a second head to show if it was passed on too (the assertion cannot
+        // fail for a proxy that is slow, only for one that does not read answers whole).
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            heads(),
+            1,
+            "chunked {chunked}: one answer read whole, one passed on"
+        );
+        gate.store(true, Ordering::SeqCst);
+        for client in clients {
+            let body = client.join().expect("client thread");
+            assert!(
+                body == big_answer().as_bytes(),
+                "chunked {chunked}: a body changed"
+            );
+        }
+        // Both answers gave their part back: a request of 900 KB fits again (with 600 KB
+        // still held it would get 529).
+        assert_eq!(
+            status_of(&binary.url, &request_of(900_000, false, &[])),
+            200
+        );
+        assert_eq!(relay.accepted(), 3);
+    }
 }

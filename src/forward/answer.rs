@@ -6,6 +6,7 @@
 //! checked for an `error` event, a failed attempt's answer is kept for rule 5. Headers are
 //! filtered here too: hop-by-hop and framing headers never pass; everything else does.
 
+use crate::body_budget::Share;
 use crate::server::http_out::{ClientOut, Framing};
 use crate::upstream::call::{ClientRequest, HOP_BY_HOP};
 use crate::usage::{Counted, Counts, Tokens};
@@ -42,6 +43,42 @@ pub(crate) struct Buffered {
     pub(crate) status: u16,
     pub(crate) headers: Fields,
     pub(crate) body: Vec<u8>,
+    /// The body's part of `max_body_memory`, when it was read whole (a soft error);
+    /// kept only to be given back with the body.
+    pub(crate) _held: Option<Share>,
+}
+
+/// What an answer read whole before the commit point may hold: a part of
+/// `max_body_memory`, the budget request bodies come from. A relay that answered 8 MiB to
+/// each of 4096 requests would otherwise make the proxy hold 32 GiB. An answer that does
+/// not fit is passed on as it comes, unchecked, rather than refused.
+pub(crate) struct Room {
+    /// None where nothing is counted (a request made in a test).
+    share: Option<Share>,
+    limit: usize,
+}
+
+impl Room {
+    /// Room for the answers to `request`, beside its own body.
+    pub(crate) fn beside(request: &ClientRequest, limit: usize) -> Room {
+        Room {
+            share: request.held.as_ref().map(Share::sibling),
+            limit,
+        }
+    }
+
+    fn take(&mut self, bytes: u64) -> bool {
+        let Some(share) = self.share.as_mut() else {
+            return true;
+        };
+        usize::try_from(bytes).is_ok_and(|bytes| share.grow(bytes, self.limit))
+    }
+
+    fn give_back(&mut self, bytes: usize) {
+        if let Some(share) = self.share.as_mut() {
+            share.give_back(bytes);
+        }
+    }
 }
 
 /// A successful response ready to be committed: the head, what was read of the body
@@ -52,6 +89,8 @@ pub(crate) struct Prepared {
     pub(crate) framing: Framing,
     pub(crate) prefix: Vec<u8>,
     pub(crate) rest: Option<ureq::BodyReader<'static>>,
+    /// The prefix's part of `max_body_memory` (a body read whole), given back with it.
+    pub(crate) held: Option<Share>,
     pub(crate) sse: bool,
     /// The usage of a JSON body read whole, counted as it was checked for a soft error
     /// (one parse of the body, not two): `Some(None)` when it said nothing of usage, None
@@ -198,6 +237,7 @@ pub(crate) fn buffer_error(
         status,
         headers: client_headers(headers),
         body,
+        _held: None,
     }
 }
 
@@ -228,6 +268,7 @@ pub(crate) fn pass_through(
         framing,
         prefix: Vec::new(),
         rest: (framing != Framing::NoBody).then_some(reader),
+        held: None,
         sse,
         counted: None,
     }
@@ -237,12 +278,14 @@ pub(crate) type NotCommitted = (String, Option<Buffered>);
 
 /// Everything a 2xx/3xx needs before the commit point: a small body read whole and checked
 /// for a soft error, an event stream's first event read and checked for an error event.
+/// A body read whole takes its part of `room` first; one that does not fit passes on.
 pub(crate) fn prepare_success(
     status: u16,
     headers: HeaderMap,
     mut reader: ureq::BodyReader<'static>,
     request: &ClientRequest,
     out: &ClientOut,
+    mut room: Room,
 ) -> Result<Prepared, NotCommitted> {
     let sse = header_starts_with(&headers, http::header::CONTENT_TYPE, "text/event-stream");
     let length = content_length(&headers).filter(|&n| n <= BUFFER_CAP);
@@ -250,6 +293,10 @@ pub(crate) fn prepare_success(
         return Ok(pass_through(status, headers, reader, request, out));
     }
     if let (false, Some(n)) = (sse, length) {
+        if !room.take(n) {
+            log::debug!("an answer of {n} bytes passes on unchecked: max_body_memory is full");
+            return Ok(pass_through(status, headers, reader, request, out));
+        }
         let mut body = Vec::with_capacity(n as usize);
         // To the end, not `take(n)`: ureq returns the connection to its pool only once its
         // reader has reported the end of the body (it enforces the length itself).
@@ -260,25 +307,25 @@ pub(crate) fn prepare_success(
         if body.len() as u64 != n {
             return Err(("response body ended early".into(), None));
         }
-        return whole(status, headers, body, reader, request, out);
+        return whole(status, headers, body, room, reader, request, out);
     }
     let json = header_starts_with(&headers, http::header::CONTENT_TYPE, "application/json");
     if json && content_length(&headers).is_none() {
         // A JSON body of unknown length (chunked, or up to the connection's end), as relays
         // often send one: read up to the same bound before committing, so that a soft
         // error or a break within it still fails over. Past the bound it is passed on with
-        // what was read in front. (Other bodies of unknown length may be streams under
-        // another name: they pass on as they come.)
+        // what was read in front, and so is one that does not fit in `room`. (Other
+        // bodies of unknown length may be streams under another name: they pass on as
+        // they come.)
         let mut body = Vec::new();
-        let read = (&mut reader).take(BUFFER_CAP + 1).read_to_end(&mut body);
-        if let Err(e) = read {
-            return Err((body_error(&e), None));
-        }
-        if body.len() as u64 <= BUFFER_CAP {
-            return whole(status, headers, body, reader, request, out);
+        match read_within(&mut reader, &mut body, &mut room) {
+            Err(e) => return Err((body_error(&e), None)),
+            Ok(true) => return whole(status, headers, body, room, reader, request, out),
+            Ok(false) => {}
         }
         let mut prepared = pass_through(status, headers, reader, request, out);
         prepared.prefix = body;
+        prepared.held = room.share;
         return Ok(prepared);
     }
     let mut prepared = pass_through(status, headers, reader, request, out);
@@ -298,6 +345,7 @@ pub(crate) fn prepare_success(
                     status,
                     headers: prepared.headers,
                     body: prepared.prefix,
+                    _held: None,
                 };
                 let reason = "the stream sent an error event before its first content";
                 return Err((reason.into(), Some(answer)));
@@ -307,13 +355,35 @@ pub(crate) fn prepare_success(
     Ok(prepared)
 }
 
-/// A 2xx/3xx body read whole before the commit point: a JSON one in Anthropic's error
-/// shape is a soft error (not committed); otherwise its usage is read and it goes out with
-/// its length.
+/// Reads a body of unknown length whole, in pieces that each take their part of `room`
+/// first: true when it ended within `BUFFER_CAP` (and a piece), false when it is longer or
+/// did not fit (`body` then holds what was read).
+fn read_within(
+    reader: &mut ureq::BodyReader<'static>,
+    body: &mut Vec<u8>,
+    room: &mut Room,
+) -> std::io::Result<bool> {
+    loop {
+        if body.len() as u64 > BUFFER_CAP || !room.take(PIECE as u64) {
+            return Ok(false);
+        }
+        // Up to a whole piece, or the end of the body (a read of zero).
+        let read = (&mut *reader).take(PIECE as u64).read_to_end(body)?;
+        room.give_back(PIECE - read);
+        if read < PIECE {
+            return Ok(true);
+        }
+    }
+}
+
+/// A 2xx/3xx body read whole before the commit point (with its part of `max_body_memory`):
+/// a JSON one in Anthropic's error shape is a soft error (not committed); otherwise its
+/// usage is read and it goes out with its length.
 fn whole(
     status: u16,
     headers: HeaderMap,
     body: Vec<u8>,
+    room: Room,
     reader: ureq::BodyReader<'static>,
     request: &ClientRequest,
     out: &ClientOut,
@@ -328,6 +398,7 @@ fn whole(
             status,
             headers: client_headers(headers),
             body,
+            _held: room.share,
         };
         return Err((
             format!("HTTP {status} with an error inside ({kind})"),
@@ -337,6 +408,7 @@ fn whole(
     let mut prepared = pass_through(status, headers, reader, request, out);
     prepared.framing = Framing::Length(body.len() as u64);
     prepared.prefix = body;
+    prepared.held = room.share;
     prepared.rest = None;
     prepared.counted = counted;
     Ok(prepared)

@@ -443,7 +443,8 @@ fn attempt<'a>(
             failed(state, Outcome::Failure(reason), answer)
         }
         Class::Success => {
-            match answer::prepare_success(status, parts.headers, reader, request, out) {
+            let room = answer::Room::beside(request, config.max_body_memory);
+            match answer::prepare_success(status, parts.headers, reader, request, out, room) {
                 Err(_) if idle::client_went_away() => Attempt::ClientGone,
                 Err((reason, answer)) => {
                     state.record(endpoint, &Outcome::Failure(reason), elapsed);

@@ -29,6 +29,7 @@ pub(crate) fn commit(
         framing,
         prefix,
         rest,
+        held,
         sse,
         counted: _,
     } = prepared;
@@ -46,7 +47,7 @@ pub(crate) fn commit(
             meter.feed(&prefix);
             // A stream may last minutes: what was held before the commit point (up to
             // 64 KiB of preamble) is not kept for all that time.
-            drop(prefix);
+            drop((prefix, held));
             pump(reader, &mut sink, sse.then_some(idle), meter)
         }
         None => {
