@@ -101,10 +101,13 @@ pub enum Meter {
 }
 
 impl Meter {
-    /// The meter for an answer: an event stream, a JSON body, or nothing to count.
-    pub fn for_answer(sse: bool, json: bool) -> Meter {
+    /// The meter for an answer: an event stream, a JSON body, or nothing to count. A JSON
+    /// body declared longer than `JSON_CAP` is not kept at all (it would be given up there).
+    pub fn for_answer(sse: bool, json: bool, length: Option<u64>) -> Meter {
+        let too_long = length.is_some_and(|n| n > JSON_CAP as u64);
         match (sse, json) {
             (true, _) => Meter::Events(Events::default()),
+            (false, true) if too_long => Meter::Off,
             (false, true) => Meter::Json(Vec::new()),
             _ => Meter::Off,
         }
@@ -458,7 +461,7 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
     }
 
     fn metered(pieces: &[&[u8]]) -> Option<Counted> {
-        let mut meter = Meter::for_answer(true, false);
+        let mut meter = Meter::for_answer(true, false, None);
         pieces.iter().for_each(|p| meter.feed(p));
         meter.finish()
     }
@@ -510,7 +513,7 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
     fn a_json_body_counts_its_usage_and_model() {
         let body = br#"{"id":"m","type":"message","model":"claude-x","content":[{"type":"text","text":"hi"}],
             "usage":{"input_tokens":25,"output_tokens":15,"cache_creation_input_tokens":7,"cache_read_input_tokens":11}}"#;
-        let mut meter = Meter::for_answer(false, true);
+        let mut meter = Meter::for_answer(false, true, None);
         let (a, b) = body.split_at(40);
         meter.feed(a);
         meter.feed(b);
@@ -522,10 +525,14 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
             Usage::default()
         );
         assert_eq!(from_json(b"not json"), None);
-        let mut big = Meter::for_answer(false, true);
+        let mut big = Meter::for_answer(false, true, None);
         big.feed(&vec![b' '; JSON_CAP]);
         big.feed(body);
         assert_eq!(big.finish(), None);
+        let declared_big = Meter::for_answer(false, true, Some(JSON_CAP as u64 + 1));
+        assert!(matches!(declared_big, Meter::Off));
+        let declared_small = Meter::for_answer(false, true, Some(body.len() as u64));
+        assert!(matches!(declared_small, Meter::Json(_)));
     }
 
     #[test]

@@ -359,6 +359,10 @@ fn answers_read_whole_take_their_part_of_max_body_memory_and_one_that_does_not_f
                 "chunked {chunked}: a body changed"
             );
         }
+        // Only the answer read whole was metered: a meter on the one passed on would keep
+        // a copy of what did not fit.
+        let usage = &binary.stats()["endpoints"][0]["usage"];
+        assert_eq!(usage["output_tokens"], 7, "chunked {chunked}: {usage}");
         // Both answers gave their part back: a request of 900 KB fits again (with 600 KB
         // still held it would get 529).
         assert_eq!(

@@ -5,6 +5,7 @@
 use crate::config::validated::Config;
 use crate::forward::answer::Prepared;
 use crate::quota::Report;
+use crate::server::http_out::Framing;
 use crate::state::endpoint::Endpoint;
 use crate::time::iso8601;
 use crate::usage::Meter;
@@ -59,7 +60,11 @@ pub(crate) fn meter_for(prepared: &Prepared) -> Meter {
                 .trim_ascii_start()
                 .starts_with(b"application/json")
     });
-    Meter::for_answer(prepared.sse, json)
+    let length = match prepared.framing {
+        Framing::Length(n) => Some(n),
+        _ => None,
+    };
+    Meter::for_answer(prepared.sse, json, length)
 }
 
 /// Adds what the meter counted to the endpoint's book.

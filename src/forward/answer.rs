@@ -295,7 +295,8 @@ pub(crate) fn prepare_success(
     if let (false, Some(n)) = (sse, length) {
         if !room.take(n) {
             log::debug!("an answer of {n} bytes passes on unchecked: max_body_memory is full");
-            return Ok(pass_through(status, headers, reader, request, out));
+            let prepared = pass_through(status, headers, reader, request, out);
+            return Ok(unmetered(prepared));
         }
         let mut body = Vec::with_capacity(n as usize);
         // To the end, not `take(n)`: ureq returns the connection to its pool only once its
@@ -324,6 +325,9 @@ pub(crate) fn prepare_success(
             Ok(false) => {}
         }
         let mut prepared = pass_through(status, headers, reader, request, out);
+        if body.len() as u64 <= BUFFER_CAP {
+            prepared = unmetered(prepared);
+        }
         prepared.prefix = body;
         prepared.held = room.share;
         return Ok(prepared);
@@ -353,6 +357,13 @@ pub(crate) fn prepare_success(
         }
     }
     Ok(prepared)
+}
+
+/// An answer passed on because it did not fit in `max_body_memory` is not metered either:
+/// the meter would keep a copy of it (up to 1 MiB) for its usage.
+fn unmetered(mut prepared: Prepared) -> Prepared {
+    prepared.counted = Some(None);
+    prepared
 }
 
 /// Reads a body of unknown length whole, in pieces that each take their part of `room`
