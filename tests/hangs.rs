@@ -275,6 +275,23 @@ fn a_chunked_json_body_that_breaks_off_fails_over() {
     fails_over(raw_upstream(broken, false), json!({}), "broke off");
 }
 
+#[test]
+fn a_status_that_is_no_final_answer_is_the_endpoints_failure_and_never_relayed() {
+    let answers: [&[u8]; 2] = [
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\nbytes of another protocol",
+        b"HTTP/1.1 600 Nonsense\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}",
+    ];
+    for answer in answers {
+        let why = "is not a final answer";
+        fails_over(raw_upstream(answer, false), json!({}), why);
+        // Alone, it is no "last upstream response" either: the client gets 502.
+        let upstream = raw_upstream(answer, false);
+        let proxy = only_behind(&upstream, json!({"max_attempts": 1}));
+        let reply = send_message(&agent(), &proxy.url, &[]);
+        assert_eq!(reply.status, 502, "{}", reply.text());
+    }
+}
+
 /// The proxy with `upstream` as its only endpoint and `extra` settings.
 fn only_behind(upstream: &LoopbackServer, mut extra: Value) -> Proxy {
     let url = format!("http://{}", upstream.addr());

@@ -437,6 +437,13 @@ fn attempt<'a>(
             let reason = format!("HTTP 429{}: rate limited", answer::error_kind(&answer));
             failed(state, Outcome::RateLimited { until, reason }, answer)
         }
+        Class::Invalid => {
+            // Neither kept for rule 5 (the client could do nothing with it) nor read: the
+            // connection goes with the reader.
+            let reason = format!("HTTP {status} is not a final answer");
+            state.record(endpoint, &Outcome::Failure(reason), elapsed);
+            Attempt::Failed(None)
+        }
         Class::Failure => {
             let answer = answer::buffer_error(status, parts.headers, reader);
             let reason = format!("HTTP {status}{}", answer::error_kind(&answer));

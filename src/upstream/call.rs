@@ -262,6 +262,10 @@ pub enum Class {
     RateLimited,
     /// 408 or 5xx.
     Failure,
+    /// A status that is no final answer: 1xx (a 101 to a request that asked for no
+    /// upgrade; the proxy never passes an upgrade on) or 600 and above. The upstream is
+    /// broken, like one that closed before its headers.
+    Invalid,
 }
 
 pub fn classify(status: u16) -> Class {
@@ -271,7 +275,8 @@ pub fn classify(status: u16) -> Class {
         429 => Class::RateLimited,
         408 | 500..=599 => Class::Failure,
         400..=499 => Class::ClientError,
-        _ => Class::Success,
+        200..=399 => Class::Success,
+        _ => Class::Invalid,
     }
 }
 
@@ -541,6 +546,10 @@ mod tests {
         assert_eq!(classify(429), Class::RateLimited);
         assert_eq!(classify(500), Class::Failure);
         assert_eq!(classify(529), Class::Failure);
+        assert_eq!(classify(101), Class::Invalid);
+        assert_eq!(classify(199), Class::Invalid);
+        assert_eq!(classify(600), Class::Invalid);
+        assert_eq!(classify(999), Class::Invalid);
     }
 
     /// Whatever an upstream writes in `retry-after` or a reset header, the cooldown is the

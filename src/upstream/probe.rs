@@ -111,6 +111,7 @@ fn refused(request: &str, status: u16) -> ProbeResult {
         }
         Class::RateLimited => ": rate limited",
         Class::Failure => ": the endpoint is failing",
+        Class::Invalid => ": not a final answer",
         Class::ClientError | Class::Success => "",
     };
     failed(format!("probe: {request} answered HTTP {status}{meaning}"))
