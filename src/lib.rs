@@ -18,7 +18,7 @@
 //!   selection, affinity, the recovery round, the history;
 //! - `config`: the config file, validated;
 //! - `quota`, `usage`: what upstream answers say of their limits and token counts;
-//! - `endpoint_id`, `time`, `body_budget`: plain pieces at the bottom;
+//! - `endpoint_id`, `time`, `body_budget`, `json_fields`: plain pieces at the bottom;
 //! - `mock`: the fault-injecting upstream of the tests, the benches and the demo.
 
 pub mod body_budget;
@@ -26,6 +26,7 @@ pub mod cli;
 pub mod config;
 pub mod endpoint_id;
 pub mod forward;
+pub mod json_fields;
 pub mod mock;
 pub mod quota;
 pub mod server;
