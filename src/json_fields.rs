@@ -69,6 +69,12 @@ fn scan<'a, const N: usize>(body: &'a [u8], wanted: [&str; N]) -> Option<[Option
     Some(found)
 }
 
+/// A field's value (its text from `top_level`) read as `T`: None when it is absent,
+/// `null`, or not a `T`.
+pub fn value<T: serde::de::DeserializeOwned>(text: Option<&[u8]>) -> Option<T> {
+    serde_json::from_slice::<Option<T>>(text?).ok().flatten()
+}
+
 /// The index of the closing quote of the string whose text starts at `from`.
 fn string_end(body: &[u8], mut from: usize) -> Option<usize> {
     loop {

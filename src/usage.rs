@@ -7,6 +7,7 @@
 //! the client, so counting never delays an event; it keeps no more than the line it is
 //! in, and only for the two events it reads.
 
+use crate::json_fields::{top_level, value};
 use serde::Deserialize;
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -145,12 +146,16 @@ impl Meter {
 
 /// The `usage` and `model` of a whole JSON answer (a message).
 pub fn from_json(body: &[u8]) -> Option<Counted> {
-    serde_json::from_slice::<Counts>(body).ok()?.counted()
+    let [model, usage] = top_level(body, ["model", "usage"]);
+    let counts = Counts {
+        model: value(model),
+        usage: value(usage),
+    };
+    counts.counted()
 }
 
-/// The fields of a whole JSON answer that are counted: serde skips the content (and any
-/// other field) without building it.
-#[derive(Deserialize)]
+/// The fields of a whole JSON answer that are counted, found by `json_fields` (the
+/// content, most of a large answer, is skipped unparsed).
 pub struct Counts {
     pub model: Option<Value>,
     pub usage: Option<Tokens>,

@@ -7,9 +7,10 @@
 //! filtered here too: hop-by-hop and framing headers never pass; everything else does.
 
 use crate::body_budget::Share;
+use crate::json_fields::{top_level, value};
 use crate::server::http_out::{ClientOut, Framing};
 use crate::upstream::call::{ClientRequest, HOP_BY_HOP};
-use crate::usage::{Counted, Counts, Tokens};
+use crate::usage::{Counted, Counts};
 use std::io::Read;
 use ureq::http::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -108,19 +109,13 @@ pub(crate) fn error_kind(answer: &Buffered) -> String {
 
 /// The `error.type` of a body in Anthropic's error shape.
 pub(crate) fn soft_error_type(body: &[u8]) -> Option<String> {
-    /// Only the two fields looked at: serde skips the rest of a large message without
-    /// building it (a `Value` of every 2xx body showed up in profiles).
-    #[derive(serde::Deserialize)]
-    struct Top<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: Option<std::borrow::Cow<'a, str>>,
-        error: Option<serde_json::Value>,
-    }
-    if !body.trim_ascii_start().starts_with(b"{") {
-        return None;
-    }
-    let top: Top = serde_json::from_slice(body).ok()?;
-    (top.kind.as_deref() == Some("error")).then(|| error_type(top.error))
+    let [kind, error] = top_level(body, ["type", "error"]);
+    soft_error(kind, error)
+}
+
+/// `error.type` when the top-level `type` is `"error"`, from the two fields' texts.
+fn soft_error(kind: Option<&[u8]>, error: Option<&[u8]>) -> Option<String> {
+    (value::<String>(kind).as_deref() == Some("error")).then(|| error_type(value(error)))
 }
 
 /// An error shape's `error.type`, printable and short ("error" when it has none).
@@ -134,31 +129,14 @@ fn error_type(error: Option<serde_json::Value>) -> String {
 }
 
 /// A whole 2xx JSON body's soft error type (`soft_error_type`) and its usage, from one
-/// parse when the body is well formed (the common case: bodies are parsed twice only when
-/// one of the two readings fails).
+/// scan of the body (`json_fields`: the content, most of a large answer, is skipped).
 fn read_whole(body: &[u8]) -> (Option<String>, Option<Option<Counted>>) {
-    #[derive(serde::Deserialize)]
-    struct Whole<'a> {
-        #[serde(rename = "type", borrow)]
-        kind: Option<std::borrow::Cow<'a, str>>,
-        error: Option<serde_json::Value>,
-        model: Option<serde_json::Value>,
-        usage: Option<Tokens>,
-    }
-    let Some(whole) = body
-        .trim_ascii_start()
-        .starts_with(b"{")
-        .then(|| serde_json::from_slice::<Whole>(body).ok())
-        .flatten()
-    else {
-        return (soft_error_type(body), Some(crate::usage::from_json(body)));
-    };
+    let [kind, error, model, usage] = top_level(body, ["type", "error", "model", "usage"]);
     let counts = Counts {
-        model: whole.model,
-        usage: whole.usage,
+        model: value(model),
+        usage: value(usage),
     };
-    let kind = (whole.kind.as_deref() == Some("error")).then(|| error_type(whole.error));
-    (kind, Some(counts.counted()))
+    (soft_error(kind, error), Some(counts.counted()))
 }
 
 /// The upstream's headers as the client gets them: hop-by-hop and framing headers out
@@ -539,6 +517,17 @@ mod tests {
             Some("overloaded_error".into())
         );
         assert_eq!(soft_error_type(br#"{"type":"message","content":[]}"#), None);
+        // An error shape inside the content is the model's text, not the answer's.
+        let quoted = br#"{"content":[{"type":"error","error":{"type":"x"}}],"type":"message"}"#;
+        assert_eq!(soft_error_type(quoted), None);
+        let (kind, counted) =
+            read_whole(br#"{"model":"m","usage":{"output_tokens":2},"type":"message"}"#);
+        assert_eq!(kind, None);
+        let counted = counted.flatten().expect("usage");
+        assert_eq!(
+            (counted.model.as_deref(), counted.usage.output_tokens),
+            (Some("m"), 2)
+        );
         assert_eq!(soft_error_type(b"not json"), None);
         assert_eq!(event_type(b"event: error\ndata: {}\n\n"), "error");
         let data_only =

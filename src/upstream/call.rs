@@ -3,6 +3,7 @@
 //! that make the connections are `agent`'s.
 
 use crate::body_budget::Share;
+use crate::json_fields::{top_level, value};
 use crate::quota::Report;
 use crate::state::endpoint::Endpoint;
 use std::time::{Duration, Instant, SystemTime};
@@ -58,7 +59,7 @@ impl ClientRequest {
     /// (or given twice) spoils only its own reading.
     pub fn fields(&self) -> BodyFields {
         let [stream, conversation_id, metadata] =
-            crate::json_fields::top_level(&self.body, ["stream", "conversation_id", "metadata"]);
+            top_level(&self.body, ["stream", "conversation_id", "metadata"]);
         BodyFields {
             stream: value::<bool>(stream).unwrap_or(false),
             conversation_id: value(conversation_id),
@@ -79,11 +80,6 @@ impl ClientRequest {
             .find(|(n, _)| n.as_str() == name)
             .and_then(|(_, v)| v.to_str().ok())
     }
-}
-
-/// A field's value read as `T`: None when it is absent, `null`, or not a `T`.
-fn value<T: serde::de::DeserializeOwned>(text: Option<&[u8]>) -> Option<T> {
-    serde_json::from_slice::<Option<T>>(text?).ok().flatten()
 }
 
 /// The headers the upstream gets: the client's, less hop-by-hop ones, `host` (the
