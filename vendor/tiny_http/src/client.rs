@@ -123,7 +123,12 @@ impl ClientConnection {
         if self.no_more_requests || self.state.closed.load(Ordering::SeqCst) {
             return None;
         }
-        self.state.set_idle();
+        // The wait for the first request counts from the accept (`ConnState::new`, on the
+        // accept thread, in accept order): a connection whose thread started late is not
+        // the younger for it when the longest-idle one is evicted.
+        if !self.first {
+            self.state.set_idle();
+        }
         let head = read_head(reader, &self.limits, &self.state, self.first)
             .and_then(|head| check_framing(&head).map(|length| (head, length)));
         self.first = false;
