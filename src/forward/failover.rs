@@ -193,9 +193,10 @@ fn give_up(
     }
 }
 
-/// Commits a ready answer and records it: a body already read whole before it is written
-/// (its outcome is known), a streamed one after its end (a break mid-stream is a failure).
-/// A success's token usage is read as it passes and counted once it has been written.
+/// Commits a ready answer and records it, always before the client can see its end (stats
+/// read then include it): a body already read whole before it is written (its outcome
+/// and usage are known), a streamed one once all of it but its end is written (a break
+/// mid-stream is a failure; its usage is read as it passes).
 fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out: &mut ClientOut) {
     let Ready {
         mut prepared,
@@ -203,7 +204,7 @@ fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out
         _in_flight,
     } = ready;
     let Some(elapsed) = success_after else {
-        commit(prepared, out, idle, &mut Meter::Off);
+        commit(prepared, out, idle, &mut Meter::Off).close();
         return;
     };
     let mut meter = match prepared.counted.take() {
@@ -211,9 +212,10 @@ fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out
         None => account::meter_for(&prepared),
     };
     if prepared.rest.is_none() {
-        state.record(endpoint, &Outcome::Success, elapsed);
-        commit(prepared, out, idle, &mut meter);
+        meter.feed_whole(&prepared.prefix);
         account::count_usage(endpoint, meter);
+        state.record(endpoint, &Outcome::Success, elapsed);
+        commit(prepared, out, idle, &mut Meter::Off).close();
         return;
     }
     if prepared.sse {
@@ -221,12 +223,14 @@ fn deliver(state: &State, endpoint: &Endpoint, ready: Ready, idle: Duration, out
         // rule watch it from here.
         idle::set_deadline(None);
     }
-    let outcome = match commit(prepared, out, idle, &mut meter) {
-        Some(reason) => Outcome::Failure(reason),
+    let ended = commit(prepared, out, idle, &mut meter);
+    let outcome = match ended.broke_off() {
+        Some(reason) => Outcome::Failure(reason.to_string()),
         None => Outcome::Success,
     };
     account::count_usage(endpoint, meter);
     state.record(endpoint, &outcome, elapsed);
+    ended.close();
 }
 
 /// A request's session and the endpoint it is bound to, if that endpoint is eligible;

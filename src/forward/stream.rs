@@ -10,19 +10,19 @@ use crate::usage::Meter;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-/// Writes the head and the body to the client; returns the upstream's failure if it broke
-/// off after the commit point (an endpoint failure). A client that hangs up ends the
+/// Writes the head and the body to the client, all but its end (`Ended::close` writes
+/// that, once the caller has recorded the outcome). A client that hangs up ends the
 /// upstream read at once (the upstream connection is dropped with the reader, not pooled)
 /// and is nobody's failure.
 /// A stream that carries nothing but keep-alives (pings, comments) for `idle` is ended as
 /// broken: they are not progress. `meter` reads each piece after it was written (token
 /// usage).
-pub(crate) fn commit(
+pub(crate) fn commit<'o>(
     prepared: Prepared,
-    out: &mut ClientOut,
+    out: &'o mut ClientOut,
     idle: Duration,
     meter: &mut Meter,
-) -> Option<String> {
+) -> Ended<'o> {
     let Prepared {
         status,
         headers,
@@ -33,7 +33,14 @@ pub(crate) fn commit(
         sse,
         counted: _,
     } = prepared;
-    let mut sink = start(out, status, headers, framing)?;
+    let gone = Ended {
+        sink: None,
+        end: Pump::ClientGone,
+        sse,
+    };
+    let Some(mut sink) = start(out, status, headers, framing) else {
+        return gone;
+    };
     // The head goes out now, with the prefix if there is one: a stream's headers must
     // not wait for its next event.
     let sent = if prefix.is_empty() {
@@ -41,7 +48,9 @@ pub(crate) fn commit(
     } else {
         sink.write_piece(&prefix)
     };
-    sent.ok()?;
+    if sent.is_err() {
+        return gone;
+    }
     let end = match rest {
         Some(reader) => {
             meter.feed(&prefix);
@@ -50,20 +59,41 @@ pub(crate) fn commit(
             drop((prefix, held));
             pump(reader, &mut sink, sse.then_some(idle), meter)
         }
-        None => {
-            meter.feed_whole(&prefix);
-            Pump::Done
-        }
+        None => Pump::Done,
     };
-    match end {
-        Pump::Done => {
-            let _client_may_be_gone = sink.finish();
-            None
+    Ended {
+        sink: Some(sink),
+        end,
+        sse,
+    }
+}
+
+/// A committed body, all of it written but its end: the last chunk, or the error event
+/// of a stream that broke off. The caller records the outcome first, so that stats read
+/// once the client has seen the end already include it.
+pub(crate) struct Ended<'o> {
+    sink: Option<BodySink<'o>>,
+    end: Pump,
+    sse: bool,
+}
+
+impl Ended<'_> {
+    /// The upstream's failure, if it broke off after the commit point.
+    pub(crate) fn broke_off(&self) -> Option<&str> {
+        match &self.end {
+            Pump::UpstreamBroke(reason) => Some(reason),
+            Pump::Done | Pump::ClientGone => None,
         }
-        Pump::ClientGone => None,
-        Pump::UpstreamBroke(reason) => {
-            end_broken_body(sink, sse);
-            Some(reason)
+    }
+
+    /// Writes the end.
+    pub(crate) fn close(self) {
+        match (self.sink, self.end) {
+            (Some(sink), Pump::Done) => {
+                let _client_may_be_gone = sink.finish();
+            }
+            (Some(sink), Pump::UpstreamBroke(_)) => end_broken_body(sink, self.sse),
+            _ => {}
         }
     }
 }
