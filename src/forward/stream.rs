@@ -69,8 +69,10 @@ pub(crate) fn commit<'o>(
 }
 
 /// A committed body, all of it written but its end: the last chunk, or the error event
-/// of a stream that broke off. The caller records the outcome first, so that stats read
-/// once the client has seen the end already include it.
+/// or abort of a body that broke off. The caller records the outcome first, so that stats
+/// read once the client has seen the end already include it. (A body passed on with a
+/// content-length ends with its last byte, which the pump wrote: there the record may
+/// follow the client's read by a moment.)
 pub(crate) struct Ended<'o> {
     sink: Option<BodySink<'o>>,
     end: Pump,
