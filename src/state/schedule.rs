@@ -5,7 +5,7 @@
 use crate::endpoint_id::EndpointId;
 use crate::state::sync::Mutex;
 use std::collections::HashMap;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 /// When each queued endpoint may next be probed, how long it waits after a failure, and
 /// whether a round is probing it right now.
@@ -17,6 +17,10 @@ pub struct Schedule {
 #[derive(Clone, Copy, Debug)]
 struct Entry {
     next_at: Instant,
+    /// `next_at` on the wall clock, fixed when it is set: the stats show the same time on
+    /// every read (converting `next_at` at each read moved it by a millisecond now and
+    /// then).
+    next_wall: SystemTime,
     wait: Duration,
     /// Claimed by a round: two rounds (the recovery thread's and an operator's retry)
     /// never probe one endpoint at once, so a recovery is counted once.
@@ -41,6 +45,7 @@ impl Schedule {
         for &id in queued {
             let entry = entries.entry(id).or_insert(Entry {
                 next_at: now,
+                next_wall: SystemTime::now(),
                 wait: first_wait,
                 probing: false,
             });
@@ -60,22 +65,24 @@ impl Schedule {
             entries.remove(&id);
             return Duration::ZERO;
         }
-        let now = Instant::now();
+        let (now, wall) = (Instant::now(), SystemTime::now());
         let entry = entries.entry(id).or_insert(Entry {
             next_at: now,
+            next_wall: wall,
             wait: max,
             probing: false,
         });
         entry.wait = (entry.wait * 2).min(max);
         entry.next_at = now + entry.wait;
+        entry.next_wall = wall + entry.wait;
         entry.probing = false;
         entry.wait
     }
 
     /// When `id` may next be probed, for the stats (read only). `None` until a round first
     /// claims it: a newly queued endpoint is probed by the next round.
-    pub fn next_probe_at(&self, id: EndpointId) -> Option<Instant> {
-        self.entries.lock().get(&id).map(|e| e.next_at)
+    pub fn next_probe_at(&self, id: EndpointId) -> Option<SystemTime> {
+        self.entries.lock().get(&id).map(|e| e.next_wall)
     }
 
     pub fn forget(&self, id: EndpointId) {

@@ -61,7 +61,7 @@ pub(super) fn endpoint_stats(state: &State, e: &Endpoint, now: Instant) -> Value
         .cooldown_until
         .filter(|&until| until > now)
         .map(|until| iso8601(wall + (until - now)));
-    let next_probe_at = next_probe_at(state, e).map(|at| iso8601(wall_time(at, now, wall)));
+    let next_probe_at = next_probe_at(state, e).map(iso8601);
     let config = &state.current().config;
     json!({
         "id": e.id().to_string(),
@@ -143,20 +143,11 @@ fn quota(quota: &Quota, reserve: u64, now: Instant, wall: SystemTime) -> Value {
 /// `None` for an endpoint that is not queued, is disabled (it gets no probes), or was
 /// queued since the last round (the next round probes it). A time in the past means
 /// it is due: the recovery thread probes it on its next tick.
-fn next_probe_at(state: &State, e: &Endpoint) -> Option<Instant> {
+fn next_probe_at(state: &State, e: &Endpoint) -> Option<SystemTime> {
     if !e.is_enabled() || !state.queue.contains(e.id()) {
         return None;
     }
     state.schedule.next_probe_at(e.id())
-}
-
-/// The wall-clock time of `at`, given that `now` is `wall`.
-fn wall_time(at: Instant, now: Instant, wall: SystemTime) -> SystemTime {
-    if at >= now {
-        wall + (at - now)
-    } else {
-        wall - (now - at)
-    }
 }
 
 /// The last 60 minutes of an endpoint's attempts, oldest first (see `state/history.rs`).
