@@ -147,18 +147,14 @@ impl Meter {
 /// The `usage` and `model` of a whole JSON answer (a message).
 pub fn from_json(body: &[u8]) -> Option<Counted> {
     let [model, usage] = top_level(body, ["model", "usage"]);
-    let counts = Counts {
-        model: value(model),
-        usage: value(usage),
-    };
-    counts.counted()
+    Counts::read(model, usage).counted()
 }
 
 /// The fields of a whole JSON answer that are counted, found by `json_fields` (the
 /// content, most of a large answer, is skipped unparsed).
 pub struct Counts {
-    pub model: Option<Value>,
-    pub usage: Option<Tokens>,
+    model: Option<Value>,
+    usage: Option<Tokens>,
 }
 
 /// A `usage` object's counts, as sent (only non-negative integers count).
@@ -171,6 +167,14 @@ pub struct Tokens {
 }
 
 impl Counts {
+    /// The two fields from their texts, as `json_fields::top_level` found them.
+    pub fn read(model: Option<&[u8]>, usage: Option<&[u8]>) -> Counts {
+        Counts {
+            model: value(model),
+            usage: value(usage),
+        }
+    }
+
     /// None when the answer has no `usage`.
     pub fn counted(self) -> Option<Counted> {
         let tokens = self.usage?;

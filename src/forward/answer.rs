@@ -132,10 +132,7 @@ fn error_type(error: Option<serde_json::Value>) -> String {
 /// scan of the body (`json_fields`: the content, most of a large answer, is skipped).
 fn read_whole(body: &[u8]) -> (Option<String>, Option<Option<Counted>>) {
     let [kind, error, model, usage] = top_level(body, ["type", "error", "model", "usage"]);
-    let counts = Counts {
-        model: value(model),
-        usage: value(usage),
-    };
+    let counts = Counts::read(model, usage);
     (soft_error(kind, error), Some(counts.counted()))
 }
 
