@@ -43,7 +43,9 @@ impl Schedule {
         entries.retain(|id, e| e.probing || queued.contains(id));
         let mut claimed = Vec::new();
         for &id in queued {
-            let entry = entries.entry(id).or_insert(Entry {
+            // The clock is read only for an endpoint not seen before, not for each one on
+            // every round.
+            let entry = entries.entry(id).or_insert_with(|| Entry {
                 next_at: now,
                 next_wall: SystemTime::now(),
                 wait: first_wait,
